@@ -1,0 +1,237 @@
+"""Physical space: voxel lattices (`Grid`) and images that know where they are (`Image`).
+
+A grid is a shape and a ``(d+1, d+1)`` voxel-to-world matrix, nibabel's ``img.affine``.
+Index coordinates are ``(..., d)`` arrays whose component ``k`` indexes array axis ``k``;
+world coordinates are ``(..., d)`` too. Plain arrays get the identity matrix, so for them
+index and world coordinates coincide and nobody has to think about physical space.
+
+Both classes are pytrees: the matrix (and the image data) are leaves, the shape is static,
+so grids and images pass through ``jit``, ``vmap`` and ``grad`` like arrays do.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreg import _checks
+
+__all__ = ["Grid", "Image", "as_image", "identity_affine"]
+
+
+def identity_affine(ndim: int) -> np.ndarray:
+    return np.eye(ndim + 1, dtype=np.float32)
+
+
+def _check_affine(affine, ndim: int, *, name: str = "affine"):
+    shape = jnp.shape(affine)
+    if shape != (ndim + 1, ndim + 1):
+        raise ValueError(
+            f"{name} must be a ({ndim + 1}, {ndim + 1}) voxel-to-world matrix for {ndim}-D data; "
+            f"got shape {shape}"
+        )
+
+
+def _inverse(affine):
+    # Concrete matrices are inverted in float64 on the host: world<->index round trips
+    # then lose nothing to a float32 inverse.
+    if isinstance(affine, np.ndarray):
+        return np.linalg.inv(affine.astype(np.float64)).astype(np.float32)
+    return jnp.linalg.inv(affine)
+
+
+@jax.tree_util.register_pytree_node_class
+class Grid:
+    """A voxel lattice in world space: ``shape`` (static) and ``affine`` (voxel -> world).
+
+    >>> g = Grid((4, 5), affine=np.diag([2.0, 3.0, 1.0]))
+    >>> g.points()[1, 2].tolist()
+    [2.0, 6.0]
+    >>> g.spacing.tolist()
+    [2.0, 3.0]
+    """
+
+    def __init__(self, shape: Sequence[int], affine=None):
+        shape = tuple(int(n) for n in shape)
+        if len(shape) == 0:
+            raise ValueError("a grid needs at least one spatial axis; got shape ()")
+        if any(n < 1 for n in shape):
+            raise ValueError(f"a grid needs a positive size along every axis; got shape {shape}")
+        ndim = len(shape)
+        if affine is None:
+            affine = identity_affine(ndim)
+        elif isinstance(affine, (list, tuple)) or (
+            isinstance(affine, np.ndarray) and affine.dtype != np.float32
+        ):
+            affine = np.asarray(affine, dtype=np.float32)
+        _check_affine(affine, ndim)
+        self.shape = shape
+        self.affine = affine
+
+    @classmethod
+    def from_spacing(cls, shape: Sequence[int], spacing=1.0, origin=0.0) -> "Grid":
+        """An axis-aligned grid with the given voxel size and world position of voxel 0."""
+        ndim = len(shape)
+        spacing = _checks.per_axis(spacing, ndim, name="spacing")
+        _checks.check_positive(spacing, name="spacing")
+        origin = _checks.per_axis(origin, ndim, name="origin")
+        affine = np.eye(ndim + 1, dtype=np.float32)
+        affine[:ndim, :ndim] = np.diag(spacing)
+        affine[:ndim, ndim] = origin
+        return cls(shape, affine)
+
+    # -- pytree -------------------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.affine,), self.shape
+
+    @classmethod
+    def tree_unflatten(cls, shape, children):
+        grid = object.__new__(cls)
+        grid.shape = shape
+        (grid.affine,) = children
+        return grid
+
+    # -- geometry -----------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def linear(self):
+        """The ``(d, d)`` part of the matrix: column ``k`` is the world step of index axis ``k``."""
+        return self.affine[: self.ndim, : self.ndim]
+
+    @property
+    def origin(self):
+        """World position of voxel ``(0, ..., 0)``."""
+        return self.affine[: self.ndim, self.ndim]
+
+    @property
+    def spacing(self):
+        """Voxel size along each index axis (world length of each column)."""
+        xp = np if isinstance(self.affine, np.ndarray) else jnp
+        return xp.sqrt(xp.sum(self.linear**2, axis=0))
+
+    def index_points(self) -> jax.Array:
+        """Index coordinates of every voxel, shape ``(*shape, d)``, float32."""
+        axes = [jnp.arange(n, dtype=jnp.float32) for n in self.shape]
+        return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
+
+    def points(self) -> jax.Array:
+        """World coordinates of every voxel centre, shape ``(*shape, d)``."""
+        return self.index_to_world(self.index_points())
+
+    def index_to_world(self, index):
+        _checks.check_points(index, self.ndim, name="index coordinates")
+        return _apply_affine(self.affine, index)
+
+    def world_to_index(self, points):
+        _checks.check_points(points, self.ndim, name="world points")
+        return _apply_affine(_inverse(self.affine), points)
+
+    def scaled(self, factor) -> "Grid":
+        """A grid over the same extent with voxels ``factor`` times larger (or smaller).
+
+        Voxel centres of the new grid sit at the centres of the blocks of old voxels they
+        cover, so a grid downsampled by 2 and upsampled by 2 is the original one.
+        """
+        factors = _checks.per_axis(factor, self.ndim, name="factor")
+        _checks.check_positive(factors, name="factor")
+        shape = tuple(max(1, int(round(n / f))) for n, f in zip(self.shape, factors))
+        scale = np.eye(self.ndim + 1, dtype=np.float32)
+        scale[: self.ndim, : self.ndim] = np.diag(factors)
+        scale[: self.ndim, self.ndim] = [(f - 1.0) / 2.0 for f in factors]
+        xp = np if isinstance(self.affine, np.ndarray) else jnp
+        return Grid(shape, xp.asarray(self.affine @ scale, dtype=xp.float32))
+
+    def __repr__(self) -> str:
+        return f"Grid(shape={self.shape}, spacing={np.round(np.asarray(self.spacing), 4).tolist()})"
+
+
+def _apply_affine(affine, points):
+    ndim = affine.shape[-1] - 1
+    linear = affine[:ndim, :ndim]
+    offset = affine[:ndim, ndim]
+    # An explicit sum of d broadcasts: XLA fuses it into one pass over the points, where a
+    # (N, d) x (d, d) dot with tiny d would be a separate, slower library call on CPU.
+    out = offset + points[..., 0:1] * linear[:, 0]
+    for k in range(1, ndim):
+        out = out + points[..., k : k + 1] * linear[:, k]
+    return out
+
+
+@jax.tree_util.register_pytree_node_class
+class Image:
+    """Image data with its voxel-to-world matrix.
+
+    ``data`` is ``(*spatial)`` for a scalar image or ``(*spatial, C)`` channels-last; the
+    spatial rank is that of ``affine`` (``(d+1, d+1)``).
+    """
+
+    def __init__(self, data, affine=None, *, ndim: int | None = None):
+        data_ndim = jnp.ndim(data)
+        if affine is None:
+            ndim = data_ndim if ndim is None else ndim
+            affine = identity_affine(ndim)
+        else:
+            if isinstance(affine, (list, tuple)) or (
+                isinstance(affine, np.ndarray) and affine.dtype != np.float32
+            ):
+                affine = np.asarray(affine, dtype=np.float32)
+            ndim = jnp.shape(affine)[-1] - 1
+        _check_affine(affine, ndim)
+        _checks.spatial_rank_of(data_ndim, ndim, name="image data")
+        _checks.check_not_empty(data, name="image data")
+        self.data = data
+        self.affine = affine
+
+    def tree_flatten(self):
+        return (self.data, self.affine), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        image = object.__new__(cls)
+        image.data, image.affine = children
+        return image
+
+    @property
+    def ndim(self) -> int:
+        """Spatial rank (channels excluded)."""
+        return jnp.shape(self.affine)[-1] - 1
+
+    @property
+    def has_channels(self) -> bool:
+        return jnp.ndim(self.data) == self.ndim + 1
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.tree_unflatten(tuple(jnp.shape(self.data)[: self.ndim]), (self.affine,))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(jnp.shape(self.data))
+
+    def with_data(self, data) -> "Image":
+        """The same placement in space, new voxel values."""
+        return Image(data, self.affine)
+
+    def __repr__(self) -> str:
+        return f"Image(shape={self.shape}, dtype={jnp.result_type(self.data)}, grid={self.grid!r})"
+
+
+def as_image(x, *, ndim: int | None = None) -> Image:
+    """Wrap a plain array as an :class:`Image` with the identity matrix (pass images through).
+
+    A plain array is taken as a scalar image unless ``ndim`` says how many of its axes
+    are spatial (the rest is one channel axis).
+    """
+    if isinstance(x, Image):
+        return x
+    return Image(x, ndim=ndim)

@@ -1,0 +1,1 @@
+"""Losses: similarities of two images and regularizers of a transform, as factories."""

@@ -1,0 +1,78 @@
+"""Checks every public function goes through: jit, vmap-equals-loop, grad-equals-FD.
+
+Kept in one place so a new similarity, regularizer or transform is tested the same way as
+the ones already here (see docs/extending.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(os.environ.get("JAXREG_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+def shared_data(*parts: str) -> Path:
+    """Path to a file under ../shared/data; skips the calling test where it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+def assert_jit_matches(f, *args, rtol=1e-5, atol=1e-6):
+    """``jit(f)`` gives what eager ``f`` gives."""
+    eager = f(*args)
+    jitted = jax.jit(f)(*args)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol), eager, jitted)
+    return eager
+
+
+def assert_vmap_matches_loop(f, *batched_args, rtol=1e-5, atol=1e-6):
+    """``vmap(f)`` over the leading axis of every argument equals a Python loop."""
+    batch = jax.tree_util.tree_leaves(batched_args)[0].shape[0]
+    vmapped = jax.vmap(f)(*batched_args)
+    for i in range(batch):
+        single = f(*jax.tree_util.tree_map(lambda a: a[i], batched_args))
+        jax.tree_util.tree_map(
+            lambda v, s: np.testing.assert_allclose(np.asarray(v)[i], np.asarray(s), rtol=rtol, atol=atol),
+            vmapped,
+            single,
+        )
+    return vmapped
+
+
+def assert_grad_matches_fd(f, x, *, eps=1e-3, rtol=2e-2, atol=1e-4, directions=3, seed=0):
+    """Reverse-mode gradient of scalar ``f`` at ``x`` agrees with central differences.
+
+    Runs in float64 (``jax.enable_x64``) so that the finite differences are accurate;
+    compares directional derivatives along random unit directions.
+    """
+    with jax.enable_x64(True):
+        x64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), x)
+        grad = jax.grad(f)(x64)
+        rng = np.random.default_rng(seed)
+        for _ in range(directions):
+            v = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), x64)
+            norm = np.sqrt(sum(float(jnp.sum(a**2)) for a in jax.tree_util.tree_leaves(v)))
+            v = jax.tree_util.tree_map(lambda a: a / norm, v)
+            plus = f(jax.tree_util.tree_map(lambda a, b: a + eps * b, x64, v))
+            minus = f(jax.tree_util.tree_map(lambda a, b: a - eps * b, x64, v))
+            numeric = (float(plus) - float(minus)) / (2 * eps)
+            analytic = sum(float(jnp.vdot(g, b)) for g, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(v)))
+            assert np.isfinite(analytic), "gradient is not finite"
+            np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=atol)
+    return grad
+
+
+def assert_finite_grad(f, x):
+    """Gradient exists and is finite everywhere (e.g. on a constant image)."""
+    grad = jax.grad(f)(x)
+    for leaf in jax.tree_util.tree_leaves(grad):
+        assert np.all(np.isfinite(np.asarray(leaf))), "gradient has NaN or Inf"
+    return grad
