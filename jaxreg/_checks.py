@@ -72,14 +72,26 @@ def check_not_empty(x, *, name: str):
         raise ValueError(f"{name} is empty; shape {shape}")
 
 
+def _concrete(value):
+    """The value as a float array, or None for a tracer (unknown until run time)."""
+    try:
+        return np.atleast_1d(np.asarray(value, dtype=float))
+    except Exception:
+        return None
+
+
 def check_positive(value, *, name: str):
-    values = np.atleast_1d(np.asarray(value, dtype=float))
+    values = _concrete(value)
+    if values is None:
+        return
     if not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise ValueError(f"{name} must be positive and finite; got {value}")
 
 
 def check_nonnegative(value, *, name: str):
-    values = np.atleast_1d(np.asarray(value, dtype=float))
+    values = _concrete(value)
+    if values is None:
+        return
     if not np.all(np.isfinite(values)) or np.any(values < 0):
         raise ValueError(f"{name} must be non-negative and finite; got {value}")
 

@@ -55,7 +55,8 @@ def assert_grad_matches_fd(f, x, *, eps=1e-3, rtol=2e-2, atol=1e-4, directions=3
     """
     with jax.enable_x64(True):
         x64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), x)
-        grad = jax.grad(f)(x64)
+        grad = jax.jit(jax.grad(f))(x64)
+        f = jax.jit(f)
         rng = np.random.default_rng(seed)
         for _ in range(directions):
             v = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), x64)

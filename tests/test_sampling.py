@@ -1,0 +1,159 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from jaxreg.sampling import MODES, sample, spline_prefilter
+from tests.helpers import assert_grad_matches_fd, assert_jit_matches, assert_vmap_matches_loop
+
+SCIPY_MODE = {"constant": "grid-constant", "nearest": "nearest", "wrap": "grid-wrap", "mirror": "mirror", "reflect": "reflect"}
+SHAPES = {2: (9, 11), 3: (7, 8, 6)}
+
+
+def _image(ndim, seed=0, channels=None):
+    rng = np.random.default_rng(seed)
+    shape = SHAPES[ndim] + ((channels,) if channels else ())
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _interior_points(ndim, n=60, seed=1):
+    rng = np.random.default_rng(seed)
+    hi = np.array(SHAPES[ndim]) - 1
+    return (rng.uniform(0.05, 0.95, (n, ndim)) * hi).astype(np.float32)
+
+
+def _all_points(ndim, n=200, seed=2):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-3.0, np.array(SHAPES[ndim]) + 2.0, (n, ndim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("order,tol", [(0, 0.0), (1, 1e-4), (3, 2e-3)])
+def test_matches_scipy_on_interior_points(ndim, order, tol):
+    image = _image(ndim)
+    points = _interior_points(ndim)
+    ref = ndi.map_coordinates(image.astype(np.float64), points.T, order=order, mode="mirror")
+    out = np.asarray(sample(image, points, order=order, mode="mirror"))
+    np.testing.assert_allclose(out, ref, atol=tol + 1e-6)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("order", [0, 1])
+def test_boundary_modes_match_scipy_everywhere(ndim, mode, order):
+    image = _image(ndim)
+    points = _all_points(ndim)
+    if order == 0:
+        # Keep away from rounding ties, where conventions legitimately differ.
+        points = np.round(points) + np.float32(0.2)
+    ref = ndi.map_coordinates(image.astype(np.float64), points.T, order=order, mode=SCIPY_MODE[mode], cval=0.7)
+    out = np.asarray(sample(image, points, order=order, mode=mode, cval=0.7))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_cubic_interpolates_voxel_values_and_prefilter_matches_scipy():
+    image = _image(3)
+    coeffs = spline_prefilter(image)
+    np.testing.assert_allclose(coeffs, ndi.spline_filter(image.astype(np.float64), order=3, mode="mirror"), atol=1e-5)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1).astype(np.float32)
+    np.testing.assert_allclose(sample(image, index, order=3, mode="mirror"), image, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_channels_last_equals_per_channel(order):
+    image = _image(2, channels=3)
+    points = _interior_points(2)
+    out = sample(image, points, order=order)
+    assert out.shape == (60, 3)
+    for c in range(3):
+        np.testing.assert_allclose(out[:, c], sample(image[..., c], points, order=order), atol=1e-6)
+
+
+def test_nearest_keeps_integer_labels_exact():
+    labels = np.random.default_rng(0).integers(0, 35, (10, 12, 9)).astype(np.int32)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in labels.shape], indexing="ij"), -1).astype(np.float32)
+    out = sample(labels, index + 0.3, order=0)
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(out, labels)
+
+
+def test_leading_shape_of_coords_is_kept():
+    image = _image(2)
+    coords = np.random.default_rng(0).uniform(0, 8, (4, 5, 6, 2)).astype(np.float32)
+    assert sample(image, coords).shape == (4, 5, 6)
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_jit(order):
+    assert_jit_matches(lambda im, c: sample(im, c, order=order), _image(3), _interior_points(3))
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_vmap_over_images_and_coords_equals_loop(order):
+    images = np.stack([_image(2, seed=s) for s in range(3)])
+    coords = np.stack([_interior_points(2, seed=s) for s in range(3)])
+    assert_vmap_matches_loop(lambda im, c: sample(im, c, order=order), images, coords)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("order", [1, 3])
+@pytest.mark.parametrize("mode", ["constant", "mirror"])
+def test_gradient_wrt_coords_matches_finite_differences(ndim, order, mode):
+    image = _image(ndim)
+    # Points off the integer lattice: linear interpolation has kinks at integers.
+    points = np.floor(_all_points(ndim, n=20)) + np.random.default_rng(3).uniform(0.2, 0.8, (20, ndim))
+    assert_grad_matches_fd(lambda c: jnp.sum(jnp.sin(sample(image, c, order=order, mode=mode, cval=0.3))), points, eps=1e-4)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_gradient_wrt_image_matches_finite_differences(order):
+    points = _all_points(2, n=30)
+    assert_grad_matches_fd(lambda im: jnp.sum(sample(im, points, order=order, mode="constant") ** 2), _image(2), eps=1e-4)
+
+
+def test_forward_mode_equals_reverse_mode():
+    image = _image(3)
+    points = _interior_points(3, n=10)
+    f = lambda c: jnp.sum(sample(image, c) ** 2)
+    direction = np.random.default_rng(5).standard_normal(points.shape).astype(np.float32)
+    _, forward = jax.jvp(f, (points,), (direction,))
+    reverse = jnp.vdot(jax.grad(f)(points), direction)
+    np.testing.assert_allclose(forward, reverse, rtol=1e-5)
+
+
+def test_gradient_wrt_coords_uses_no_scatter():
+    image = _image(3)
+    points = _interior_points(3)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda c: jnp.sum(sample(image, c))))(points))
+    assert "scatter" not in jaxpr
+    with_image = str(jax.make_jaxpr(jax.grad(lambda im: jnp.sum(sample(im, points))))(image))
+    assert "scatter" in with_image  # the image gradient is the transposed gather
+
+
+def test_gradient_inside_constant_region_is_zero_and_finite():
+    image = np.ones((6, 7), np.float32)
+    points = _interior_points(2, n=5) * 0.5
+    grad = jax.grad(lambda c: jnp.sum(sample(image, c, mode="nearest")))(points)
+    np.testing.assert_allclose(grad, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(order=2), "order"),
+        (dict(mode="bogus"), "boundary mode"),
+    ],
+)
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample(_image(2), _interior_points(2), **kwargs)
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="axes"):
+        sample(np.zeros((4, 5, 6, 2), np.float32), _interior_points(2))
+    with pytest.raises(TypeError, match="floating"):
+        sample(_image(2), np.zeros((3, 2), np.int32))
+    with pytest.raises(ValueError, match="empty"):
+        sample(np.zeros((0, 3), np.float32), _interior_points(2))
