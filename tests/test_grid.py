@@ -1,0 +1,103 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreg import differential
+from jaxreg.grid import Grid, Image, as_image
+from jaxreg.transforms import rotation_matrix
+from tests.helpers import assert_grad_matches_fd, assert_jit_matches, assert_vmap_matches_loop
+
+
+def oblique_affine(ndim, seed=0):
+    rng = np.random.default_rng(seed)
+    affine = np.eye(ndim + 1, dtype=np.float32)
+    rotation = np.asarray(rotation_matrix(jnp.asarray(rng.uniform(-0.5, 0.5, ndim * (ndim - 1) // 2)), ndim))
+    affine[:ndim, :ndim] = rotation @ np.diag(rng.uniform(0.7, 2.0, ndim))
+    affine[:ndim, ndim] = rng.uniform(-50, 50, ndim)
+    return affine
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_points_follow_the_affine_and_round_trip(ndim):
+    affine = oblique_affine(ndim)
+    grid = Grid((5, 6, 4)[:ndim], affine)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), -1)
+    expected = index @ affine[:ndim, :ndim].T + affine[:ndim, ndim]
+    np.testing.assert_allclose(grid.points(), expected, atol=1e-4)
+    np.testing.assert_allclose(grid.world_to_index(grid.points()), index, atol=1e-4)
+    np.testing.assert_allclose(grid.spacing, np.linalg.norm(affine[:ndim, :ndim], axis=0), rtol=1e-6)
+
+
+def test_from_spacing_and_plain_arrays_use_identity():
+    grid = Grid.from_spacing((3, 4), spacing=(2.0, 0.5), origin=(10.0, -1.0))
+    np.testing.assert_allclose(grid.points()[2, 3], [14.0, 0.5])
+    image = as_image(np.zeros((3, 4, 5), np.float32))
+    np.testing.assert_array_equal(image.affine, np.eye(4))
+    assert image.grid.shape == (3, 4, 5) and not image.has_channels
+    channels = as_image(np.zeros((3, 4, 2), np.float32), ndim=2)
+    assert channels.has_channels and channels.grid.shape == (3, 4)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_scaled_grid_covers_the_same_extent(ndim):
+    grid = Grid((8, 10, 6)[:ndim], oblique_affine(ndim, seed=2))
+    coarse = grid.scaled(2)
+    assert coarse.shape == tuple(n // 2 for n in grid.shape)
+    fine_points = np.asarray(grid.points())
+    block_centres = fine_points.reshape(sum(((n // 2, 2) for n in grid.shape), ()) + (ndim,)).mean(axis=tuple(range(1, 2 * ndim, 2)))
+    np.testing.assert_allclose(coarse.points(), block_centres, atol=1e-4)
+    np.testing.assert_allclose(coarse.scaled(0.5).affine, grid.affine, atol=1e-5)
+
+
+def test_grid_and_image_are_pytrees_under_jit_and_vmap():
+    grid = Grid((4, 5), oblique_affine(2))
+    assert_jit_matches(lambda g: g.points(), grid)
+    affines = jnp.stack([jnp.asarray(oblique_affine(2, seed=s)) for s in range(3)])
+    assert_vmap_matches_loop(lambda a: Grid((4, 5), a).points(), affines, atol=1e-4)
+    image = Image(jnp.ones((4, 5)), grid.affine)
+    doubled = jax.jit(lambda im: im.with_data(im.data * 2))(image)
+    assert isinstance(doubled, Image) and float(doubled.data.sum()) == 40.0
+
+
+def test_bad_grids_and_images_raise():
+    with pytest.raises(ValueError, match="positive size"):
+        Grid((4, 0))
+    with pytest.raises(ValueError, match=r"\(3, 3\)"):
+        Grid((4, 5), np.eye(4))
+    with pytest.raises(ValueError, match="spacing must be positive"):
+        Grid.from_spacing((4, 5), spacing=(1.0, -1.0))
+    with pytest.raises(ValueError, match="axes"):
+        Image(np.zeros((4, 5, 6, 7)), np.eye(3))
+    with pytest.raises(ValueError, match="empty"):
+        Image(np.zeros((4, 0)))
+
+
+# ------------------------------------------------------------------- differential
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_spatial_gradient_matches_numpy(ndim):
+    x = np.random.default_rng(0).standard_normal((7, 6, 5)[:ndim]).astype(np.float32)
+    spacing = (0.5, 2.0, 1.5)[:ndim]
+    expected = np.stack(np.gradient(x, *spacing), -1)
+    np.testing.assert_allclose(differential.spatial_gradient(x, spacing), expected, atol=1e-5)
+    channels = np.stack([x, 2 * x], -1)
+    np.testing.assert_allclose(differential.spatial_gradient(channels, spacing, ndim=ndim)[..., 1, :], 2 * expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_jacobian_of_affine_map_on_oblique_grid_is_exact(ndim):
+    grid = Grid((6, 5, 4)[:ndim], oblique_affine(ndim, seed=3))
+    matrix = np.random.default_rng(1).uniform(-0.3, 0.3, (ndim, ndim)) + np.eye(ndim)
+    mapped = grid.points() @ jnp.asarray(matrix.T, jnp.float32) + 1.0
+    jac = differential.jacobian_of_map(mapped, grid)
+    np.testing.assert_allclose(jac, np.broadcast_to(matrix, jac.shape), atol=1e-4)
+    np.testing.assert_allclose(differential.jacobian_determinant_of_map(mapped, grid), np.linalg.det(matrix), rtol=1e-4)
+
+
+def test_determinant_matches_numpy_and_gradient():
+    m = np.random.default_rng(0).standard_normal((5, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(differential.determinant(m), np.linalg.det(m), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(differential.determinant(m[:, :2, :2]), np.linalg.det(m[:, :2, :2]), rtol=1e-4, atol=1e-5)
+    assert_grad_matches_fd(lambda a: jnp.sum(differential.determinant(a)), m)
