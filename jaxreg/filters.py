@@ -1,0 +1,282 @@
+"""Separable smoothing, box sums and image pyramids, for any spatial rank.
+
+Every filter acts on the spatial axes of ONE image, ``(*spatial)`` or channels-last
+``(*spatial, C)`` (pass ``ndim=`` to say how many axes are spatial), one axis at a time:
+a 1-D pass is a sum of shifted slices of a padded array (Gaussian) or a difference of two
+slices of a cumulative sum (box), which XLA fuses into a few passes over memory. Filter
+settings (``sigma``, ``radius``, ``factor``) are static Python numbers; image data may be
+traced, batched with ``vmap`` and differentiated.
+
+>>> import jax.numpy as jnp
+>>> box_sum(jnp.ones((3, 4)), 1).tolist()
+[[4.0, 6.0, 6.0, 4.0], [6.0, 9.0, 9.0, 6.0], [4.0, 6.0, 6.0, 4.0]]
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreg import _checks
+from jaxreg.grid import Grid, Image
+
+__all__ = [
+    "gaussian_kernel_1d",
+    "gaussian_smooth",
+    "box_sum",
+    "box_mean",
+    "antialias_sigma",
+    "downsample",
+    "pyramid",
+]
+
+# scipy.ndimage mode name -> numpy/jax pad mode with the same boundary semantics.
+_PAD_MODES = {
+    "nearest": "edge",  # a a a | a b c d | d d d
+    "reflect": "symmetric",  # c b a | a b c d | d c b
+    "mirror": "reflect",  # d c b | a b c d | c b a
+    "wrap": "wrap",  # b c d | a b c d | a b c
+    "constant": "constant",  # 0 0 0 | a b c d | 0 0 0
+}
+
+
+def _as_float(x):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    return x
+
+
+def _spatial_rank(x, ndim, *, name="image") -> int:
+    ndim, _ = _checks.spatial_rank_of(x.ndim, ndim, name=name)
+    if ndim < 1:
+        raise ValueError(f"{name} needs at least one spatial axis; got shape {x.shape}")
+    _checks.check_not_empty(x, name=name)
+    return ndim
+
+
+def _radii(radius, ndim: int) -> tuple[int, ...]:
+    radii = _checks.per_axis(radius, ndim, name="radius")
+    if any(r < 0 or r != int(r) for r in radii):
+        raise ValueError(f"radius must be a non-negative integer (or one per axis); got {radius}")
+    return tuple(int(r) for r in radii)
+
+
+def gaussian_kernel_1d(sigma: float, *, truncate: float = 4.0) -> np.ndarray:
+    """Normalized 1-D Gaussian weights, as ``scipy.ndimage.gaussian_filter`` uses them.
+
+    The radius is ``int(truncate * sigma + 0.5)``; ``sigma = 0`` gives ``[1.0]``. Returned
+    in float64 on the host; filters cast it to the dtype of the data.
+
+    >>> gaussian_kernel_1d(1.0, truncate=1.0).round(4).tolist()
+    [0.2741, 0.4519, 0.2741]
+    """
+    _checks.check_nonnegative(sigma, name="sigma")
+    _checks.check_nonnegative(truncate, name="truncate")
+    sigma = float(sigma)
+    radius = int(truncate * sigma + 0.5)
+    if sigma == 0.0 or radius == 0:
+        return np.ones(1)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (x / sigma) ** 2)
+    return weights / weights.sum()
+
+
+def _pad_axis(x, axis: int, before: int, after: int, mode: str):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, after)
+    return jnp.pad(x, widths, mode=_PAD_MODES[mode])
+
+
+def _correlate_axis(x, weights: np.ndarray, axis: int, mode: str):
+    """Correlate ``x`` with a symmetric odd-length kernel along ``axis``."""
+    radius = (len(weights) - 1) // 2
+    if radius == 0:
+        return x * float(weights[0])
+    n = x.shape[axis]
+    padded = _pad_axis(x, axis, radius, radius, mode)
+
+    def shifted(offset):
+        return jax.lax.slice_in_dim(padded, radius + offset, radius + offset + n, axis=axis)
+
+    # Symmetric weights: one multiply per pair of taps. Python floats keep x's dtype.
+    out = float(weights[radius]) * shifted(0)
+    for k in range(1, radius + 1):
+        out = out + float(weights[radius + k]) * (shifted(-k) + shifted(k))
+    return out
+
+
+def gaussian_smooth(image, sigma, *, ndim: int | None = None, truncate: float = 4.0, mode: str = "nearest"):
+    """Gaussian smoothing over the spatial axes (separable; the channel axis is untouched).
+
+    ``sigma`` is in voxels, a scalar or one value per spatial axis; 0 leaves an axis alone.
+    ``mode`` names the boundary as ``scipy.ndimage`` does (``"nearest"``, ``"reflect"``,
+    ``"mirror"``, ``"wrap"``, ``"constant"`` = zeros), and the result equals
+    ``scipy.ndimage.gaussian_filter(image, sigma, mode=mode, truncate=truncate)``.
+
+    >>> import jax.numpy as jnp
+    >>> round(float(gaussian_smooth(jnp.ones((5, 4)), 2.0).min()), 5)  # weights sum to 1
+    1.0
+    """
+    x = _as_float(image)
+    ndim = _spatial_rank(x, ndim)
+    sigmas = _checks.per_axis(sigma, ndim, name="sigma")
+    _checks.check_nonnegative(sigmas, name="sigma")
+    if mode not in _PAD_MODES:
+        raise ValueError(f"mode must be one of {sorted(_PAD_MODES)}; got {mode!r}")
+    for axis, s in enumerate(sigmas):
+        if s > 0:
+            x = _correlate_axis(x, gaussian_kernel_1d(s, truncate=truncate), axis, mode)
+    return x
+
+
+def _box_sum_axis(x, radius: int, axis: int):
+    n = x.shape[axis]
+    # One extra leading zero makes the window sum a difference of two slices of the
+    # cumulative sum: sum(x[i-r..i+r]) = c[i+2r+1] - c[i], whatever r is.
+    c = jnp.cumsum(_pad_axis(x, axis, radius + 1, radius, "constant"), axis=axis)
+    return jax.lax.slice_in_dim(c, 2 * radius + 1, 2 * radius + 1 + n, axis=axis) - jax.lax.slice_in_dim(
+        c, 0, n, axis=axis
+    )
+
+
+def box_sum(image, radius, *, ndim: int | None = None):
+    """Sum over a ``(2r+1)`` window along every spatial axis, zeros outside the image.
+
+    Computed from cumulative sums, so the cost per voxel does not grow with ``radius``
+    (an int, or one per spatial axis). Float32 cumulative sums lose about
+    ``eps * (axis length) * max|x|`` in absolute terms: subtract a mean first when the
+    values are large and the windows small.
+
+    >>> import jax.numpy as jnp
+    >>> box_sum(jnp.arange(5.0), 1).tolist()
+    [1.0, 3.0, 6.0, 9.0, 7.0]
+    """
+    x = _as_float(image)
+    ndim = _spatial_rank(x, ndim)
+    for axis, r in enumerate(_radii(radius, ndim)):
+        if r > 0:
+            x = _box_sum_axis(x, r, axis)
+    return x
+
+
+def box_mean(image, radius, *, ndim: int | None = None):
+    """:func:`box_sum` divided by the full window size ``prod(2r+1)``.
+
+    Near the border the window is cut by the image but the divisor is not, so the result
+    is ``scipy.ndimage.uniform_filter(image, 2r+1, mode="constant")``. For a mean over the
+    voxels inside the image, divide ``box_sum(image, r)`` by ``box_sum(ones, r)``.
+    """
+    x = _as_float(image)
+    ndim = _spatial_rank(x, ndim)
+    radii = _radii(radius, ndim)
+    return box_sum(x, radii, ndim=ndim) / float(math.prod(2 * r + 1 for r in radii))
+
+
+def antialias_sigma(factor) -> float:
+    """Gaussian sigma (in fine voxels) applied before subsampling by ``factor``.
+
+    A voxel already averages about half a voxel of blur (sigma0 = 1/2); a coarse voxel
+    should carry sigma0 = factor/2 fine voxels, so the filter adds the difference in
+    quadrature: ``0.5 * sqrt(factor**2 - 1)``. It tends to ``factor/2`` for large factors,
+    is 0 for ``factor <= 1`` (no smoothing to upsample) and leaves 30-40% of the amplitude
+    at the coarse grid's Nyquist frequency: enough to stop aliasing of fine texture without
+    blurring the coarse level more than its voxel size does.
+    """
+    factor = float(factor)
+    return 0.5 * math.sqrt(factor**2 - 1.0) if factor > 1.0 else 0.0
+
+
+def _resample_axis(x, axis: int, factor: float, size: int):
+    """Linear interpolation along ``axis`` at ``(factor - 1)/2 + factor * i``, ``i < size``.
+
+    Positions past the last voxel (odd sizes) take the edge value.
+    """
+    n = x.shape[axis]
+    if factor == int(factor):
+        # Integer factors: every sample sits on a voxel (odd factor) or halfway between two
+        # (even factor), so strided slices do it without a gather (and without a scatter in
+        # the backward pass).
+        f = int(factor)
+        start = (f - 1) // 2
+        half = f % 2 == 0
+        last = start + f * (size - 1) + (1 if half else 0)
+        if last >= n:
+            x = _pad_axis(x, axis, 0, last - n + 1, "nearest")
+        stop = start + f * (size - 1) + 1
+        out = jax.lax.slice_in_dim(x, start, stop, stride=f, axis=axis)
+        if half:
+            out = 0.5 * (out + jax.lax.slice_in_dim(x, start + 1, stop + 1, stride=f, axis=axis))
+        return out
+    positions = (factor - 1.0) / 2.0 + factor * np.arange(size)
+    lower = np.floor(positions)
+    frac = (positions - lower).astype(np.float64)
+    i0 = np.clip(lower, 0, n - 1).astype(np.int32)
+    i1 = np.clip(lower + 1, 0, n - 1).astype(np.int32)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    frac = jnp.asarray(frac.reshape(shape), dtype=x.dtype)
+    return jnp.take(x, i0, axis=axis) * (1 - frac) + jnp.take(x, i1, axis=axis) * frac
+
+
+def downsample(image, factor=2, *, ndim: int | None = None):
+    """Anti-aliased resampling onto the voxel centres of ``Grid(shape).scaled(factor)``.
+
+    The image is smoothed with sigma :func:`antialias_sigma` per axis (``"nearest"``
+    boundary), then sampled with linear interpolation at index ``(f-1)/2 + f*i``, the centre
+    of each block of ``f`` voxels. The output shape is ``Grid(shape).scaled(factor).shape``
+    (``round(n / f)``, at least 1); with odd sizes the last centre may lie past the last voxel
+    and takes the edge value. ``factor`` is a positive number or one per axis; integer factors
+    use strided slices, others a gather; ``factor < 1`` upsamples without smoothing.
+
+    >>> import jax.numpy as jnp
+    >>> downsample(jnp.full((6, 5), 3.0), 2).tolist()
+    [[3.0, 3.0], [3.0, 3.0], [3.0, 3.0]]
+    """
+    x = _as_float(image)
+    ndim = _spatial_rank(x, ndim)
+    factors = _checks.per_axis(factor, ndim, name="factor")
+    _checks.check_positive(factors, name="factor")
+    out_shape = Grid(x.shape[:ndim]).scaled(factors).shape
+    x = gaussian_smooth(x, [antialias_sigma(f) for f in factors], ndim=ndim, mode="nearest")
+    for axis, (f, m) in enumerate(zip(factors, out_shape)):
+        if f != 1.0:
+            x = _resample_axis(x, axis, f, m)
+    return x
+
+
+def pyramid(image, levels: int, *, factor=2, affine=None, ndim: int | None = None) -> list[Image]:
+    """Images at ``levels`` resolutions, coarsest first and the input itself last.
+
+    Level ``k`` from the end is ``downsample(image, factor**k)`` placed on
+    ``grid.scaled(factor**k)``, so every level covers the same physical space. Each level
+    is computed from the finest one (not from the next finer), which keeps its shape and
+    matrix exactly those of ``grid.scaled(factor**k)``. ``image`` is an
+    :class:`~jaxreg.grid.Image` or an array (with ``affine``, default identity, and ``ndim``
+    for channels-last arrays).
+
+    >>> import jax.numpy as jnp
+    >>> [level.shape for level in pyramid(jnp.zeros((16, 12)), 3)]
+    [(4, 3), (8, 6), (16, 12)]
+    """
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+        raise ValueError(f"levels must be an integer >= 1; got {levels!r}")
+    if isinstance(image, Image):
+        if affine is not None:
+            raise ValueError("pass affine only with a plain array; an Image carries its own")
+        finest = image
+    else:
+        finest = Image(_as_float(image), affine, ndim=ndim)
+    factors = _checks.per_axis(factor, finest.ndim, name="factor")
+    _checks.check_positive(factors, name="factor")
+    grid = finest.grid
+    out = []
+    for k in reversed(range(1, int(levels))):
+        level_factor = tuple(f**k for f in factors)
+        data = downsample(finest.data, level_factor, ndim=finest.ndim)
+        out.append(Image(data, grid.scaled(level_factor).affine))
+    out.append(finest)
+    return out
