@@ -135,13 +135,24 @@ def _interpolate(image, coords, order: int, mode: str, cval, with_gradient: bool
         voxel = flat.at[flat_index].get(mode="promise_in_bounds")
         voxels.append(voxel - cval if shifted else voxel)
 
+    # The weighted sums over taps are reductions over a stacked tap axis, not chains of
+    # adds. XLA never fuses a reduction into its consumers, so the result is a buffer:
+    # with a chain of adds, the next warp's fusion recomputes this whole expression at
+    # each of its taps, and k nested warps (scaling and squaring, multistep networks)
+    # cost (2**d)**k instead of k.
+    # Taps lead, so that the sum runs over whole contiguous rows and vectorises.
+    stacked = jnp.stack(voxels, axis=0)
     expand = (lambda a: a[..., None]) if channels else (lambda a: a)
-    value = sum(expand(weight) * voxel for (_, weight, _), voxel in zip(corners, voxels))
+
+    def weighted_sum(weights):
+        return jnp.sum(expand(jnp.stack(weights, axis=0)) * stacked, axis=0)
+
+    value = weighted_sum([weight for _, weight, _ in corners])
     if shifted:
         value = value + cval
     if not with_gradient:
         return value, None
-    gradient = [sum(expand(c[2][j]) * voxel for c, voxel in zip(corners, voxels)) for j in range(ndim)]
+    gradient = [weighted_sum([c[2][j] for c in corners]) for j in range(ndim)]
     return value, jnp.stack(gradient, axis=-1)
 
 
