@@ -1,5 +1,60 @@
-"""jaxreg: image registration in JAX."""
+"""jaxreg: image registration in JAX, on pure functions that jit, vmap and differentiate.
 
+The building blocks, bottom up:
+
+- :mod:`jaxreg.grid` -- ``Grid`` (voxel lattice + voxel-to-world matrix) and ``Image``;
+- :mod:`jaxreg.sampling` -- ``sample``: N-D interpolation, orders 0/1/3;
+- :mod:`jaxreg.filters` -- Gaussian and box filters, pyramids;
+- :mod:`jaxreg.transforms` -- affine, displacement, SVF, B-spline, kernel transforms,
+  ``compose``, ``invert``, ``jacobian_determinant``, ``warp``;
+- :mod:`jaxreg.losses` -- similarities and regularizers as factories;
+- :mod:`jaxreg.metrics` -- Dice, HD95, folding, TRE, inverse consistency;
+- :mod:`jaxreg.io` -- NIfTI / MGH / MetaImage in physical space;
+- :mod:`jaxreg.synthetic` -- built-in synthetic images and warps.
+"""
+
+from jaxreg import differential, filters, io, losses, metrics, synthetic
 from jaxreg.grid import Grid, Image, as_image
+from jaxreg.io import load, save
+from jaxreg.sampling import sample
+from jaxreg.transforms import (
+    Affine,
+    BSpline,
+    Compose,
+    Displacement,
+    KernelTransform,
+    Transform,
+    Velocity,
+    compose,
+    invert,
+    jacobian_determinant,
+    warp,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Affine",
+    "BSpline",
+    "Compose",
+    "Displacement",
+    "Grid",
+    "Image",
+    "KernelTransform",
+    "Transform",
+    "Velocity",
+    "as_image",
+    "compose",
+    "differential",
+    "filters",
+    "invert",
+    "io",
+    "jacobian_determinant",
+    "load",
+    "losses",
+    "metrics",
+    "sample",
+    "save",
+    "synthetic",
+    "warp",
+]

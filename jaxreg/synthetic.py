@@ -1,0 +1,63 @@
+"""Built-in data: synthetic images with labels and random smooth warps, for any rank.
+
+Used by examples, tests and the demo so that nothing has to be downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxreg.filters import gaussian_smooth
+from jaxreg.grid import Grid
+from jaxreg.sampling import sample
+from jaxreg.transforms import Velocity
+
+__all__ = ["blobs", "random_velocity"]
+
+
+def blobs(key, shape: Sequence[int], *, labels: int = 4, radius: float = 0.22, smoothness: float = 1.0):
+    """An image of ``labels`` overlapping ellipsoids of distinct intensity, and its label map.
+
+    Returns ``(image, label_map)``: ``image`` float32 in ``[0, 1]`` with a little texture,
+    ``label_map`` int32 with 0 as background and ``1..labels`` as the ellipsoids (later
+    ones drawn on top). Sizes and positions are fractions of the field of view.
+    """
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    if labels < 1:
+        raise ValueError(f"labels must be >= 1; got {labels}")
+    grid = Grid.from_spacing(shape, spacing=[1.0 / (n - 1) if n > 1 else 1.0 for n in shape])
+    points = grid.points()  # unit cube
+    k_centre, k_axes, k_texture = jax.random.split(key, 3)
+    centres = jax.random.uniform(k_centre, (labels, ndim), minval=0.3, maxval=0.7)
+    semi_axes = radius * jax.random.uniform(k_axes, (labels, ndim), minval=0.5, maxval=1.2)
+    # Largest first, so that later (smaller) ellipsoids are not buried under earlier ones.
+    semi_axes = semi_axes[jnp.argsort(-jnp.prod(semi_axes, axis=1))]
+    label_map = jnp.zeros(shape, jnp.int32)
+    for i in range(labels):
+        inside = jnp.sum(((points - centres[i]) / semi_axes[i]) ** 2, axis=-1) <= 1.0
+        label_map = jnp.where(inside, i + 1, label_map)
+    intensities = jnp.linspace(0.35, 1.0, labels + 1).at[0].set(0.0)
+    image = intensities[label_map]
+    texture = 0.05 * gaussian_smooth(jax.random.normal(k_texture, shape), 1.0)
+    image = gaussian_smooth(image, smoothness) + texture
+    return jnp.clip(image, 0.0, 1.0).astype(jnp.float32), label_map
+
+
+def random_velocity(key, grid: Grid, *, amplitude: float, smoothness: float = 4.0, steps: int = 7) -> Velocity:
+    """A random smooth stationary velocity field whose largest component is ``amplitude`` mm.
+
+    ``smoothness`` is the distance between independent random values, in voxels; ``exp`` of the result is a
+    diffeomorphism, handy as a known warp to register back.
+    """
+    # Cubic upsampling of coarse noise: smooth everywhere, unlike smoothed fine noise,
+    # whose boundary padding makes it large at the edges and nearly still in the centre.
+    coarse_shape = tuple(max(2, int(round((n - 1) / smoothness)) + 1) for n in grid.shape)
+    noise = jax.random.normal(key, coarse_shape + (grid.ndim,))
+    scale = jnp.asarray([(c - 1) / max(n - 1, 1) for c, n in zip(coarse_shape, grid.shape)], jnp.float32)
+    field = sample(noise, Grid(grid.shape).index_points() * scale, order=3, mode="mirror")
+    field = amplitude * field / jnp.maximum(jnp.max(jnp.abs(field)), 1e-12)
+    return Velocity(field, grid.affine, steps=steps)
