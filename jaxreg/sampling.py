@@ -11,6 +11,15 @@ alongside the value from one set of gathers, and the gradient with respect to th
 coordinates is a single elementwise product: no scatter, nothing else saved. The image
 tangent is the same gather with the same weights; JAX transposes it (to a scatter-add)
 only when the image itself is differentiated.
+
+Nesting: XLA fuses the cheap weighted sum that ends one ``sample`` into whatever reads
+its result, and recomputes it per use. When the result feeds the *coordinates* of the
+next ``sample`` (scaling and squaring, a network that warps, looks again and warps again)
+each level multiplies the work, and k unrolled levels cost about ``(2**d)**k``. Put such
+chains inside ``lax.fori_loop``/``lax.scan``: a loop body is a materialisation boundary,
+and the cost is linear in k again (``Velocity.exp`` does this). Summing the taps as a
+reduction also stops the blow-up, but makes every single warp several times slower on
+CPU, so it is not done here.
 """
 
 from __future__ import annotations
@@ -132,28 +141,29 @@ def _interpolate(image, coords, order: int, mode: str, cval, with_gradient: bool
     shifted = mode == "constant" and not (isinstance(cval, (int, float)) and cval == 0.0)
     voxels = []
     for flat_index, _, _ in corners:
-        voxel = flat.at[flat_index].get(mode="promise_in_bounds")
+        # Indices are in bounds by construction; 'fill' mode measured fastest on XLA CPU
+        # (full-size warp: 0.60 s vs 0.64 s for promise_in_bounds, 0.78 s for clip).
+        voxel = jnp.take(flat, flat_index, axis=0, mode="fill", fill_value=0)
         voxels.append(voxel - cval if shifted else voxel)
 
-    # The weighted sums over taps are reductions over a stacked tap axis, not chains of
-    # adds. XLA never fuses a reduction into its consumers, so the result is a buffer:
-    # with a chain of adds, the next warp's fusion recomputes this whole expression at
-    # each of its taps, and k nested warps (scaling and squaring, multistep networks)
-    # cost (2**d)**k instead of k.
-    # Taps lead, so that the sum runs over whole contiguous rows and vectorises.
-    stacked = jnp.stack(voxels, axis=0)
     expand = (lambda a: a[..., None]) if channels else (lambda a: a)
 
     def weighted_sum(weights):
-        return jnp.sum(expand(jnp.stack(weights, axis=0)) * stacked, axis=0)
+        return sum(expand(w) * voxel for w, voxel in zip(weights, voxels))
 
     value = weighted_sum([weight for _, weight, _ in corners])
     if shifted:
         value = value + cval
     if not with_gradient:
-        return value, None
+        return _end_of_fusion(value), None
     gradient = [weighted_sum([c[2][j] for c in corners]) for j in range(ndim)]
-    return value, jnp.stack(gradient, axis=-1)
+    return _end_of_fusion(value), _end_of_fusion(jnp.stack(gradient, axis=-1))
+
+
+def _end_of_fusion(array):
+    # Keeps the consumer (a loss, the next transform) out of the gather loop: measured on
+    # a 160x192x224 warp on CPU, forward + coordinate gradient 0.87 s -> 0.64 s.
+    return jax.lax.optimization_barrier(array)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
@@ -267,7 +277,7 @@ def _sample_nearest(image, coords, mode, cval):
         flat_index = flat_index + index * int(np.prod(spatial[k + 1 :]))
         if valid is not None:
             inside = valid if inside is None else inside & valid
-    values = flat.at[flat_index].get(mode="promise_in_bounds")
+    values = jnp.take(flat, flat_index, axis=0, mode="fill", fill_value=0)
     if inside is not None:
         if image.ndim > ndim:
             inside = inside[..., None]

@@ -272,10 +272,13 @@ def _scaling_and_squaring(index_field, steps: int):
     """exp of a stationary velocity field given in index units, on its own grid."""
     ndim = index_field.shape[-1]
     identity = Grid(index_field.shape[:-1]).index_points()
-    u = index_field / (2.0**steps)
-    for _ in range(steps):
-        u = u + sample(u, identity + u, order=1, mode="nearest")
-    return u
+
+    def square(_, u):
+        return u + sample(u, identity + u, order=1, mode="nearest")
+
+    # A loop, not an unrolled chain: each squaring reads the previous one from memory,
+    # where an unrolled chain would be fused and recomputed (see jaxreg.sampling).
+    return jax.lax.fori_loop(0, steps, square, index_field / (2.0**steps))
 
 
 class Velocity(Transform):
