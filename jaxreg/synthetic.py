@@ -5,6 +5,7 @@ Used by examples, tests and the demo so that nothing has to be downloaded.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -26,9 +27,14 @@ def blobs(key, shape: Sequence[int], *, labels: int = 4, radius: float = 0.22, s
     ones drawn on top). Sizes and positions are fractions of the field of view.
     """
     shape = tuple(int(n) for n in shape)
-    ndim = len(shape)
     if labels < 1:
         raise ValueError(f"labels must be >= 1; got {labels}")
+    return _blobs(key, shape, labels=int(labels), radius=float(radius), smoothness=float(smoothness))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "labels", "radius", "smoothness"))
+def _blobs(key, shape, *, labels, radius, smoothness):
+    ndim = len(shape)
     grid = Grid.from_spacing(shape, spacing=[1.0 / (n - 1) if n > 1 else 1.0 for n in shape])
     points = grid.points()  # unit cube
     k_centre, k_axes, k_texture = jax.random.split(key, 3)
