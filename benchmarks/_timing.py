@@ -1,0 +1,134 @@
+"""Shared benchmark helpers: one timing protocol for JAX, torch and numpy/scipy callables.
+
+Protocol: ``warmup`` untimed calls, then ``n`` timed calls, each ended by blocking on its
+result (``block_until_ready`` on every JAX array; torch and numpy on CPU are synchronous).
+JAX functions are compiled ahead of time (``jax.jit(f).lower(*args).compile()``), and
+that is timed separately as the compile time, tracing included.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    n: int
+    times_s: list = field(default_factory=list)
+    compile_s: float | None = None
+    temp_bytes: int | None = None  # XLA's scratch memory for the compiled program
+
+
+def block(out):
+    """Wait until every JAX array in ``out`` is computed; other leaves pass through."""
+    jax.tree_util.tree_map(lambda a: a.block_until_ready() if isinstance(a, jax.Array) else a, out)
+    return out
+
+
+def time_calls(fn, n: int, warmup: int = 1):
+    """Median and min wall time of ``n`` calls of ``fn()`` after ``warmup`` calls."""
+    out = None
+    for _ in range(warmup):
+        out = block(fn())
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        out = block(fn())
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), n, times), out
+
+
+def time_jax(f, *args, n: int, warmup: int = 1):
+    """Compile ``f`` for ``args`` (timed), then time the compiled program as :func:`time_calls`."""
+    start = time.perf_counter()
+    compiled = jax.jit(f).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    timing, out = time_calls(lambda: compiled(*args), n, warmup)
+    timing.compile_s = compile_s
+    try:
+        timing.temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        pass
+    return timing, out
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 3) -> dict:
+    """Copy bandwidth of numpy: ``2 * nbytes / best time`` (one read and one write per byte)."""
+    src = np.ones(megabytes * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    best = min(time_calls(lambda: np.copyto(dst, src), repeats, warmup=1)[0].times_s)
+    return {
+        "gb_per_s": 2 * src.nbytes / best / 1e9,
+        "method": f"numpy.copyto of a {megabytes} MiB float32 array, best of {repeats}; "
+        "GB/s = 2 * nbytes / time (read + write, write-allocate traffic not counted)",
+    }
+
+
+def machine_info() -> dict:
+    info = {
+        "processor": platform.processor(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "jax_devices": [str(d) for d in jax.devices()],
+        "numpy": np.__version__,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else ""
+    except OSError:
+        pass
+    for module in ("jaxlib", "torch", "scipy"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
+    return info
+
+
+def code_version(repo: str) -> dict:
+    """Commit of ``repo`` and its uncommitted files under jaxreg/ (what was measured)."""
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", "--", "jaxreg").splitlines()}
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
