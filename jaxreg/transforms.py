@@ -220,7 +220,26 @@ def _apply_linear(linear, vectors):
     return out
 
 
-class Displacement(Transform):
+class _FieldOnGrid(Transform):
+    """A transform stored as an array ``(*shape, d)`` on the grid that ``affine`` describes."""
+
+    _array = "field"
+
+    @property
+    def ndim(self) -> int:
+        return getattr(self, self._array).shape[-1]
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.tree_unflatten(getattr(self, self._array).shape[:-1], (self.affine,))
+
+    def _is_own_grid(self, grid: Grid) -> bool:
+        # Identity of the matrix object (not equality, which is unknowable for traced
+        # values) decides; on its own grid a field needs no interpolation.
+        return grid.shape == self.grid.shape and grid.affine is self.affine
+
+
+class Displacement(_FieldOnGrid):
     """``x -> x + u(x)`` with ``u`` a field ``(*shape, d)`` in world units on a grid.
 
     ``affine`` is that grid's voxel-to-world matrix. Between voxels ``u`` is linearly
@@ -245,14 +264,6 @@ class Displacement(Transform):
         """Sample any transform on ``grid`` into a dense field."""
         return cls(transform.mapped_points(grid) - grid.points(), grid.affine)
 
-    @property
-    def ndim(self) -> int:
-        return self.field.shape[-1]
-
-    @property
-    def grid(self) -> Grid:
-        return Grid.tree_unflatten(self.field.shape[:-1], (self.affine,))
-
     def displacement_at(self, points):
         return sample(self.field, self.grid.world_to_index(points), order=1, mode="nearest")
 
@@ -261,9 +272,7 @@ class Displacement(Transform):
         return points + self.displacement_at(points)
 
     def mapped_points(self, grid: Grid):
-        # On its own grid the field needs no interpolation. Identity of the matrix object
-        # (not equality, which is unknowable for traced values) decides.
-        if grid.shape == self.grid.shape and grid.affine is self.affine:
+        if self._is_own_grid(grid):
             return grid.points() + self.field
         return self(grid.points())
 
@@ -281,7 +290,7 @@ def _scaling_and_squaring(index_field, steps: int):
     return jax.lax.fori_loop(0, steps, square, index_field / (2.0**steps))
 
 
-class Velocity(Transform):
+class Velocity(_FieldOnGrid):
     """Stationary velocity field ``v`` ``(*shape, d)`` in world units; the transform is
     ``exp(v)``, computed by scaling and squaring with ``steps`` squarings.
 
@@ -300,14 +309,6 @@ class Velocity(Transform):
         self.affine = Grid(field.shape[:-1], affine).affine
         self.steps = int(steps)
 
-    @property
-    def ndim(self) -> int:
-        return self.field.shape[-1]
-
-    @property
-    def grid(self) -> Grid:
-        return Grid.tree_unflatten(self.field.shape[:-1], (self.affine,))
-
     def exp(self) -> Displacement:
         """The displacement field of ``exp(v)`` on the velocity's grid."""
         index_field = _index_displacement(self.field, self.affine)
@@ -324,7 +325,7 @@ class Velocity(Transform):
 
     def mapped_points(self, grid: Grid):
         displacement = self.exp()
-        if grid.shape == self.grid.shape and grid.affine is self.affine:
+        if self._is_own_grid(grid):
             return grid.points() + displacement.field
         return displacement(grid.points())
 
@@ -332,7 +333,7 @@ class Velocity(Transform):
 # ------------------------------------------------------------------------------ B-spline
 
 
-class BSpline(Transform):
+class BSpline(_FieldOnGrid):
     """Cubic B-spline free-form deformation: ``x -> x + sum_j c_j beta3((x - p_j)/h)``.
 
     ``coefficients`` ``(*control_shape, d)`` are displacements in world units at control
@@ -341,6 +342,7 @@ class BSpline(Transform):
     """
 
     _leaves = ("coefficients", "affine")
+    _array = "coefficients"
 
     def __init__(self, coefficients, affine=None):
         coefficients = jnp.asarray(coefficients)
@@ -366,14 +368,6 @@ class BSpline(Transform):
     def zeros(cls, grid: Grid, spacing) -> "BSpline":
         control = cls.control_grid(grid, spacing)
         return cls(jnp.zeros(control.shape + (grid.ndim,), jnp.float32), control.affine)
-
-    @property
-    def ndim(self) -> int:
-        return self.coefficients.shape[-1]
-
-    @property
-    def grid(self) -> Grid:
-        return Grid.tree_unflatten(self.coefficients.shape[:-1], (self.affine,))
 
     def __call__(self, points):
         self._check(points)

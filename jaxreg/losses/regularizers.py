@@ -81,6 +81,19 @@ def _safe_sqrt(s):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1.0)), 0.0)
 
 
+def _sum_of_axis_means(displacement, spacing, penalty):
+    """``sum_i mean_x sum_k penalty(du_k/dx_i)`` with forward differences in mm; axes of
+    length 1 carry no derivative and contribute 0."""
+    u, d, h = _prepare(displacement, spacing)
+    total = _zero(u, h)
+    for i in range(d):
+        if u.shape[i] < 2:
+            continue
+        du = differential.forward_difference(u, i, h[i])
+        total = total + jnp.mean(jnp.sum(penalty(du), axis=-1))
+    return total
+
+
 def diffusion():
     """Diffusion (membrane) energy: ``sum_i mean_x sum_k (du_k/dx_i)**2``.
 
@@ -91,14 +104,7 @@ def diffusion():
     """
 
     def energy(displacement, spacing=1.0):
-        u, d, h = _prepare(displacement, spacing)
-        total = _zero(u, h)
-        for i in range(d):
-            if u.shape[i] < 2:
-                continue
-            du = differential.forward_difference(u, i, h[i])
-            total = total + jnp.mean(jnp.sum(du**2, axis=-1))
-        return total
+        return _sum_of_axis_means(displacement, spacing, jnp.square)
 
     return energy
 
@@ -165,14 +171,7 @@ def total_variation(*, isotropic: bool = True, eps: float = 1e-6):
         return jnp.mean(jnp.sum(_safe_sqrt(squared + eps), axis=-1))
 
     def anisotropic_energy(displacement, spacing=1.0):
-        u, d, h = _prepare(displacement, spacing)
-        total = _zero(u, h)
-        for i in range(d):
-            if u.shape[i] < 2:
-                continue
-            du = differential.forward_difference(u, i, h[i])
-            total = total + jnp.mean(jnp.sum(_abs(du), axis=-1))
-        return total
+        return _sum_of_axis_means(displacement, spacing, _abs)
 
     return isotropic_energy if isotropic else anisotropic_energy
 
