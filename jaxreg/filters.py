@@ -133,7 +133,21 @@ def gaussian_smooth(image, sigma, *, ndim: int | None = None, truncate: float = 
     return x
 
 
+# Window sums up to this radius use XLA's reduce_window, larger ones cumulative sums.
+# Measured on a 160x192x224 volume on CPU (forward, forward + gradient): r = 4
+# reduce_window 47/63 ms vs cumsum 159/280 ms; r = 16 111/222 vs 243/344 ms; r = 32
+# 1096/2308 vs 197/319 ms. reduce_window is also exact, where float32 cumulative sums
+# lose up to ~1e-3 on such a volume; beyond the threshold the cost stays flat in r.
+_REDUCE_WINDOW_MAX_RADIUS = 16
+
+
 def _box_sum_axis(x, radius: int, axis: int):
+    if radius <= _REDUCE_WINDOW_MAX_RADIUS:
+        window = [1] * x.ndim
+        window[axis] = 2 * radius + 1
+        padding = [(0, 0)] * x.ndim
+        padding[axis] = (radius, radius)
+        return jax.lax.reduce_window(x, 0.0, jax.lax.add, tuple(window), (1,) * x.ndim, padding)
     n = x.shape[axis]
     # One extra leading zero makes the window sum a difference of two slices of the
     # cumulative sum: sum(x[i-r..i+r]) = c[i+2r+1] - c[i], whatever r is.
@@ -146,10 +160,10 @@ def _box_sum_axis(x, radius: int, axis: int):
 def box_sum(image, radius, *, ndim: int | None = None):
     """Sum over a ``(2r+1)`` window along every spatial axis, zeros outside the image.
 
-    Computed from cumulative sums, so the cost per voxel does not grow with ``radius``
-    (an int, or one per spatial axis). Float32 cumulative sums lose about
-    ``eps * (axis length) * max|x|`` in absolute terms: subtract a mean first when the
-    values are large and the windows small.
+    ``radius`` is an int, or one per spatial axis. Windows up to radius 16 are summed
+    directly by XLA's ``reduce_window`` (fastest there, and exact); larger ones come from
+    cumulative sums, whose cost per voxel does not grow with the radius (float32
+    cumulative sums lose about ``eps * (axis length) * max|x|`` in absolute terms).
 
     >>> import jax.numpy as jnp
     >>> box_sum(jnp.arange(5.0), 1).tolist()

@@ -122,16 +122,27 @@ def test_box_filters_channels_last():
 
 
 def test_box_sum_cost_does_not_depend_on_radius():
-    x = jnp.zeros((24, 20))
+    x = jnp.zeros((80, 90))
 
     def operations(r):
         text = jax.jit(lambda im: filters.box_sum(im, r)).lower(x).as_text()
         return collections.Counter(re.findall(r"stablehlo\.[a-z_]+", text))
 
-    small, large = operations(1), operations(9)
-    # the same program whatever the radius: only slice bounds and pad widths change
+    # Small windows: one reduce_window per axis, whatever the radius.
+    assert operations(1) == operations(9) and operations(1)["stablehlo.reduce_window"] == 2
+    # Large windows: cumulative sums; the same program whatever the radius.
+    small, large = operations(17), operations(30)
     assert small == large
     assert sum(small.values()) < 40
+
+
+@pytest.mark.parametrize("radius", [3, 17, (2, 20)])
+def test_box_sum_both_strategies_match_scipy(radius):
+    x = np.random.default_rng(4).standard_normal((45, 50)).astype(np.float32)
+    radii = radius if isinstance(radius, tuple) else (radius, radius)
+    size = tuple(2 * r + 1 for r in radii)
+    ref = ndi.uniform_filter(x.astype(np.float64), size, mode="constant") * np.prod(size)
+    np.testing.assert_allclose(np.asarray(filters.box_sum(x, radius)), ref, atol=2e-4)
 
 
 def test_box_errors():
