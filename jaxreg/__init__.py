@@ -9,11 +9,12 @@ The building blocks, bottom up:
   ``compose``, ``invert``, ``jacobian_determinant``, ``warp``;
 - :mod:`jaxreg.losses` -- similarities and regularizers as factories;
 - :mod:`jaxreg.metrics` -- Dice, HD95, folding, TRE, inverse consistency;
+- :mod:`jaxreg.registration` -- optax-driven classical registration (core);
 - :mod:`jaxreg.io` -- NIfTI / MGH / MetaImage in physical space;
 - :mod:`jaxreg.synthetic` -- built-in synthetic images and warps.
 """
 
-from jaxreg import differential, filters, io, losses, metrics, synthetic
+from jaxreg import differential, filters, io, losses, metrics, registration, synthetic
 from jaxreg.grid import Grid, Image, as_image
 from jaxreg.io import load, save
 from jaxreg.sampling import sample
@@ -53,6 +54,7 @@ __all__ = [
     "load",
     "losses",
     "metrics",
+    "registration",
     "sample",
     "save",
     "synthetic",
