@@ -130,11 +130,11 @@ class Grid:
 
     def index_to_world(self, index):
         _checks.check_points(index, self.ndim, name="index coordinates")
-        return _apply_affine(self.affine, index)
+        return apply_affine(self.affine, index)
 
     def world_to_index(self, points):
         _checks.check_points(points, self.ndim, name="world points")
-        return _apply_affine(_inverse(self.affine), points)
+        return apply_affine(_inverse(self.affine), points)
 
     def scaled(self, factor) -> "Grid":
         """A grid over the same extent with voxels ``factor`` times larger (or smaller).
@@ -155,16 +155,22 @@ class Grid:
         return f"Grid(shape={self.shape}, spacing={np.round(np.asarray(self.spacing), 4).tolist()})"
 
 
-def _apply_affine(affine, points):
-    ndim = affine.shape[-1] - 1
-    linear = affine[:ndim, :ndim]
-    offset = affine[:ndim, ndim]
+def apply_linear(linear, vectors, offset=None):
+    """``vectors @ linear.T (+ offset)`` for ``(..., d)`` vectors and a ``(d, d)`` matrix."""
     # An explicit sum of d broadcasts: XLA fuses it into one pass over the points, where a
     # (N, d) x (d, d) dot with tiny d would be a separate, slower library call on CPU.
-    out = offset + points[..., 0:1] * linear[:, 0]
-    for k in range(1, ndim):
-        out = out + points[..., k : k + 1] * linear[:, k]
+    out = vectors[..., 0:1] * linear[:, 0]
+    if offset is not None:
+        out = offset + out
+    for k in range(1, vectors.shape[-1]):
+        out = out + vectors[..., k : k + 1] * linear[:, k]
     return out
+
+
+def apply_affine(affine, points):
+    """Points ``(..., d)`` through a homogeneous ``(d+1, d+1)`` matrix."""
+    ndim = affine.shape[-1] - 1
+    return apply_linear(affine[:ndim, :ndim], points, affine[:ndim, ndim])
 
 
 @jax.tree_util.register_pytree_node_class

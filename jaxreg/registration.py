@@ -31,8 +31,7 @@ from jaxreg import _checks
 from jaxreg.filters import gaussian_smooth, pyramid
 from jaxreg.grid import Grid, Image, as_image
 from jaxreg.losses import regularizers, similarity
-from jaxreg.sampling import sample
-from jaxreg.transforms import Affine, Transform, Velocity, affine_param_count, compose, warp
+from jaxreg.transforms import Affine, Displacement, Transform, Velocity, affine_param_count, compose, warp
 
 __all__ = [
     "Result",
@@ -206,11 +205,6 @@ def register_affine(
     return to_affine(params), tuple(histories)
 
 
-def _resample_field(field, source: Grid, target: Grid):
-    """A field in mm on ``source`` read at the voxel centres of ``target`` (linear)."""
-    return sample(field, source.world_to_index(target.points()), order=1, mode="nearest")
-
-
 def register_svf(
     fixed,
     moving,
@@ -246,7 +240,7 @@ def register_svf(
         if field is None:
             field = jnp.zeros(level_grid.shape + (level_grid.ndim,), jnp.float32)
         else:
-            field = _resample_field(field, grid, level_grid)
+            field = Displacement(field, grid.affine).displacement_at(level_grid.points())
         grid = level_grid
 
         def energy(v, fixed_level=fixed_level, moving_level=moving_level):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreg import _checks, differential
-from jaxreg.grid import Grid, Image, as_image
+from jaxreg.grid import Grid, Image, apply_affine, apply_linear, as_image
 from jaxreg.sampling import sample
 
 __all__ = [
@@ -189,10 +189,7 @@ class Affine(Transform):
 
     def __call__(self, points):
         self._check(points)
-        out = self.translation + points[..., 0:1] * self.linear[:, 0]
-        for k in range(1, self.ndim):
-            out = out + points[..., k : k + 1] * self.linear[:, k]
-        return out
+        return apply_affine(self.matrix, points)
 
     def inverse(self) -> "Affine":
         return Affine(jnp.linalg.inv(self.matrix))
@@ -209,15 +206,7 @@ def _index_displacement(field_mm, affine):
     """Displacements in mm -> displacements in index units of the grid they live on."""
     ndim = field_mm.shape[-1]
     inverse_linear = jnp.linalg.inv(jnp.asarray(affine, jnp.float32)[:ndim, :ndim])
-    return _apply_linear(inverse_linear, field_mm)
-
-
-def _apply_linear(linear, vectors):
-    ndim = vectors.shape[-1]
-    out = vectors[..., 0:1] * linear[:, 0]
-    for k in range(1, ndim):
-        out = out + vectors[..., k : k + 1] * linear[:, k]
-    return out
+    return apply_linear(inverse_linear, field_mm)
 
 
 class _FieldOnGrid(Transform):
@@ -314,7 +303,7 @@ class Velocity(_FieldOnGrid):
         index_field = _index_displacement(self.field, self.affine)
         u = _scaling_and_squaring(index_field, self.steps)
         linear = jnp.asarray(self.affine, jnp.float32)[: self.ndim, : self.ndim]
-        return Displacement(_apply_linear(linear, u), self.affine)
+        return Displacement(apply_linear(linear, u), self.affine)
 
     def inverse(self) -> "Velocity":
         return Velocity(-self.field, self.affine, steps=self.steps)
