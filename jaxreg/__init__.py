@@ -9,15 +9,23 @@ The building blocks, bottom up:
   ``compose``, ``invert``, ``jacobian_determinant``, ``warp``;
 - :mod:`jaxreg.losses` -- similarities and regularizers as factories;
 - :mod:`jaxreg.metrics` -- Dice, HD95, folding, TRE, inverse consistency;
-- :mod:`jaxreg.registration` -- optax-driven classical registration (core);
+- :mod:`jaxreg.registration` -- optax-driven classical registration: affine, SVF, SyN,
+  greedy and B-spline stages over pyramids, presets, ``register``;
+- :mod:`jaxreg.population` -- many pairs in one program (vmap, sharding), templates;
 - :mod:`jaxreg.io` -- NIfTI / MGH / MetaImage in physical space;
+- :mod:`jaxreg.itk` -- transform files that ANTs and ITK read and write;
+- :mod:`jaxreg.landmarks` -- point files (plain text, elastix, DIR-Lab);
+- :mod:`jaxreg.viz` -- overlays, checkerboards, deformed grids, Jacobian maps (matplotlib);
 - :mod:`jaxreg.synthetic` -- built-in synthetic images and warps.
+
+The ``jaxreg`` command (:mod:`jaxreg.cli`) registers, applies and evaluates from files.
 """
 
-from jaxreg import differential, filters, io, losses, metrics, registration, synthetic
+from jaxreg import differential, filters, io, itk, landmarks, losses, metrics, population, registration, synthetic, viz
 from jaxreg.grid import Grid, Image, as_image
 from jaxreg.io import load, save
 from jaxreg.sampling import sample
+from jaxreg.registration import register
 from jaxreg.transforms import (
     Affine,
     BSpline,
@@ -50,10 +58,15 @@ __all__ = [
     "filters",
     "invert",
     "io",
+    "itk",
+    "landmarks",
+    "population",
+    "viz",
     "jacobian_determinant",
     "load",
     "losses",
     "metrics",
+    "register",
     "registration",
     "sample",
     "save",

@@ -39,9 +39,14 @@ __all__ = [
     "check_image",
     "load",
     "lps_to_ras_affine",
+    "lps_to_ras_transform",
+    "lps_to_ras_vectors",
     "ras_to_lps_affine",
+    "ras_to_lps_transform",
+    "ras_to_lps_vectors",
     "save",
     "squeeze",
+    "write_bytes",
 ]
 
 PathLike = str | os.PathLike
@@ -100,6 +105,42 @@ def lps_to_ras_affine(affine):
 def ras_to_lps_affine(affine):
     """Voxel-to-world matrix in RAS -> LPS; the inverse (and the same map) as :func:`lps_to_ras_affine`."""
     return lps_to_ras_affine(affine)
+
+
+def lps_to_ras_transform(matrix):
+    """World-to-world matrix ``(d+1, d+1)`` in LPS (an ITK/ANTs affine) -> the same map in RAS.
+
+    ``F @ T @ F`` with ``F`` the flip of the first two world axes: a point is flipped into
+    LPS, mapped, and flipped back. Its own inverse; works on numpy and jax arrays.
+    """
+    # Flipping rows and then columns is F @ T @ F without building F.
+    return lps_to_ras_affine(lps_to_ras_affine(matrix).T).T
+
+
+def ras_to_lps_transform(matrix):
+    """World-to-world matrix in RAS -> LPS; the same map as :func:`lps_to_ras_transform`."""
+    return lps_to_ras_transform(matrix)
+
+
+def lps_to_ras_vectors(vectors):
+    """World vectors ``(..., d)`` (e.g. an ITK displacement field) from LPS to RAS.
+
+    Negates components 0 and 1, in 2-D as in 3-D; its own inverse.
+    """
+    shape = np.shape(vectors)
+    if len(shape) < 1 or shape[-1] < 2:
+        raise ValueError(f"expected vectors (..., d) with d >= 2; got shape {shape}")
+    flip = np.ones(shape[-1], dtype=np.float32)
+    flip[:2] = -1.0
+    out = vectors * flip
+    if isinstance(vectors, np.ndarray):
+        return (out + 0.0).astype(vectors.dtype)
+    return out
+
+
+def ras_to_lps_vectors(vectors):
+    """World vectors from RAS to LPS; the same map as :func:`lps_to_ras_vectors`."""
+    return lps_to_ras_vectors(vectors)
 
 
 # -- public API -------------------------------------------------------------------------
@@ -182,6 +223,31 @@ def save(
             _write_mgh(data, affine, tmp)
         else:
             _write_metaimage(data, affine, tmp)
+        _publish(tmp, path, overwrite=overwrite)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_bytes(path: PathLike, payload: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``payload`` to ``path`` atomically, with :func:`save`'s overwrite rule.
+
+    The bytes go to a temporary file in the same directory that is then put in place, so
+    readers never see a partial file. An existing ``path`` raises FileExistsError unless
+    ``overwrite=True``.
+    """
+    path = Path(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(17, "file exists (pass overwrite=True to replace it)", os.fspath(path))
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
         _publish(tmp, path, overwrite=overwrite)
     except BaseException:
         try:

@@ -2,25 +2,32 @@
 
 The pieces, each usable alone:
 
-- :func:`minimize` runs any optax optimizer on any energy for a fixed number of steps
-  inside one jitted ``lax.scan`` and returns the parameters and the loss history;
+- :func:`minimize` runs any optax optimizer on any energy inside one jitted loop
+  (``lax.scan``, or ``lax.while_loop`` with a convergence test) and returns the
+  parameters and the loss history;
 - :func:`smooth_updates` and :func:`cap_step` are the registration tricks as optax
   transforms that chain (Gaussian smoothing of a dense update, ANTs/FireANTs style; a
   per-voxel bound on the step);
-- :func:`register_affine` and :func:`register_svf` run one stage over an image pyramid,
-  coarse to fine, one compiled program per level;
-- :func:`register` chains them (affine, then SVF refinement) into a :class:`Result`.
+- one function per stage, each over an image pyramid, coarse to fine, one compiled
+  program per level: :func:`register_affine` (translation/rigid/similarity/affine),
+  :func:`register_svf` (stationary velocity field), :func:`register_syn` (symmetric:
+  both images meet half way, exact inverse), :func:`register_greedy` (compositive dense
+  updates) and :func:`register_bspline` (free-form deformation);
+- :func:`register` chains a linear stage and a deformable one into a :class:`Result`,
+  with :data:`PRESETS` for common cases.
 
-Everything is a pure function of arrays, so ``jax.vmap(register_svf...)`` over a batch of
-same-shape pairs works as it is.
+Every stage takes an optional ``fixed_mask`` (weights of the similarity on the fixed
+grid) and ``landmarks=(fixed_points, moving_points)`` in world coordinates, whose mean
+squared distance after the transform (mm^2) is added with ``landmark_weight``.
 
-Status (issue 3): this is the optimisation core. Not yet here: greedy/SyN and B-spline
-stages, L-BFGS presets, masks and landmarks in the energy, convergence stopping, the
-``jaxreg`` command, ITK/ANTs transform export and the comparison with ANTs.
+Everything is a pure function of arrays, so ``jax.vmap`` of a stage over a batch of
+same-shape pairs works as it is (see :mod:`jaxreg.population`).
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -31,47 +38,118 @@ from jaxreg import _checks
 from jaxreg.filters import gaussian_smooth, pyramid
 from jaxreg.grid import Grid, Image, as_image
 from jaxreg.losses import regularizers, similarity
-from jaxreg.transforms import Affine, Displacement, Transform, Velocity, affine_param_count, compose, warp
+from jaxreg.transforms import (
+    Affine,
+    BSpline,
+    Displacement,
+    Transform,
+    Velocity,
+    affine_param_count,
+    compose,
+    invert,
+    warp,
+)
 
 __all__ = [
     "Result",
+    "PRESETS",
     "minimize",
     "smooth_updates",
     "cap_step",
     "register_affine",
     "register_svf",
+    "register_syn",
+    "register_greedy",
+    "register_bspline",
     "register",
 ]
 
 
 class Result(NamedTuple):
-    """What a registration returns: ``transform`` maps fixed world points to moving ones."""
+    """What a registration returns: ``transform`` maps fixed world points to moving ones.
+
+    ``losses`` holds one energy history per pyramid level (coarse to fine, NaN after a
+    convergence stop), ``stages`` names each level (``"svf@2"``: SVF stage at shrink 2).
+    ``compile_seconds`` and ``run_seconds`` are None when the call was traced (under
+    ``jit`` or ``vmap``), where nothing can be timed.
+    """
 
     transform: Transform
     inverse: Transform | None
     warped: Image
-    losses: tuple  # one loss history array per pyramid level, coarse to fine
+    losses: tuple
+    stages: tuple = ()
+    compile_seconds: float | None = None
+    run_seconds: float | None = None
 
 
 # ------------------------------------------------------------------------- optimisation
 
 
-def minimize(energy: Callable, params, optimizer: optax.GradientTransformation, *, steps: int):
-    """Minimise ``energy(params)`` with ``optimizer`` for ``steps`` steps in one ``lax.scan``.
+def _converged(history, i, window: int, tolerance: float):
+    """True when the best energy of the last ``window`` steps improves on the best before
+    them by less than ``tolerance`` times its size (ANTs' convergence window, without the
+    line fit)."""
+    index = jnp.arange(history.shape[0])
+    recent = (index >= i - window) & (index < i)
+    earlier = index < i - window
+    best_recent = jnp.min(jnp.where(recent, history, jnp.inf))
+    best_earlier = jnp.min(jnp.where(earlier, history, jnp.inf))
+    improvement = best_earlier - best_recent
+    return (i >= 2 * window) & (improvement <= tolerance * jnp.abs(best_earlier))
 
-    Returns ``(params, history)`` where ``history[i]`` is the energy before step ``i``.
-    Jit the caller (or this) to compile the whole loop as one program.
+
+def minimize(
+    energy: Callable,
+    params,
+    optimizer: optax.GradientTransformation,
+    *,
+    steps: int,
+    tolerance: float | None = None,
+    window: int = 10,
+    apply: Callable | None = None,
+):
+    """Minimise ``energy(params)`` with ``optimizer`` for at most ``steps`` steps.
+
+    Returns ``(params, history)``; ``history[i]`` is the energy before step ``i``. With
+    ``tolerance`` the loop stops once the best energy of the last ``window`` steps beats
+    the best before them by less than ``tolerance`` (relative); the rest of ``history`` is
+    NaN. ``apply(params, updates)`` replaces ``optax.apply_updates`` (a compositive update,
+    say). One ``lax.scan`` (or ``lax.while_loop``): jit the caller to compile it whole.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0; got {steps}")
+    apply = optax.apply_updates if apply is None else apply
 
-    def step(carry, _):
-        params, state = carry
+    def step(params, state):
         value, grad = jax.value_and_grad(energy)(params)
         updates, state = optimizer.update(grad, state, params)
-        return (optax.apply_updates(params, updates), state), value
+        return apply(params, updates), state, value
 
-    (params, _), history = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
+    if tolerance is None:
+
+        def scan_step(carry, _):
+            params, state, value = step(*carry)
+            return (params, state), value
+
+        (params, _), history = jax.lax.scan(scan_step, (params, optimizer.init(params)), None, length=steps)
+        return params, history
+
+    _checks.check_nonnegative(tolerance, name="tolerance")
+    if window < 1:
+        raise ValueError(f"window must be >= 1; got {window}")
+
+    def cond(carry):
+        i, _, _, history = carry
+        return (i < steps) & ~_converged(history, i, window, tolerance)
+
+    def body(carry):
+        i, params, state, history = carry
+        params, state, value = step(params, state)
+        return i + 1, params, state, history.at[i].set(value)
+
+    history = jnp.full((steps,), jnp.nan, jnp.float32)
+    _, params, _, history = jax.lax.while_loop(cond, body, (0, params, optimizer.init(params), history))
     return params, history
 
 
@@ -117,24 +195,51 @@ def cap_step(max_norm: float) -> optax.GradientTransformation:
 # --------------------------------------------------------------------------- pyramids
 
 
+class _Clock:
+    """Compile and run seconds summed over the levels that ran eagerly."""
+
+    def __init__(self):
+        self.compile_seconds = 0.0
+        self.run_seconds = 0.0
+        self.traced = False
+
+    def result_fields(self) -> dict:
+        if self.traced:
+            return {"compile_seconds": None, "run_seconds": None}
+        return {"compile_seconds": self.compile_seconds, "run_seconds": self.run_seconds}
+
+
+def _run_level(fn: Callable, args: tuple, clock: _Clock | None):
+    """``jax.jit(fn)(*args)``, compiled ahead of time when ``args`` are concrete so that
+    compiling and running are timed apart."""
+    if clock is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+        if clock is not None:
+            clock.traced = True
+        return jax.jit(fn)(*args)
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compiled_at = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    clock.compile_seconds += compiled_at - start
+    clock.run_seconds += time.perf_counter() - compiled_at
+    return out
+
+
 def _check_shrink(shrink: Sequence[int]) -> tuple[int, ...]:
     if not shrink or any(int(f) != f or f < 1 for f in shrink):
         raise ValueError(f"shrink factors must be positive integers, coarse to fine; got {shrink}")
     return tuple(int(f) for f in shrink)
 
 
-def _levels(fixed: Image, moving: Image, shrink: Sequence[int]):
-    """Fixed and moving images per pyramid level, coarse to fine, as Images."""
-    levels = []
-    for factor in shrink:
-        pairs = []
-        for image in (fixed, moving):
-            if factor == 1:
-                pairs.append(image)
-            else:
-                pairs.append(pyramid(image.data, 2, factor=int(factor), affine=image.affine, ndim=image.ndim)[0])
-        levels.append(tuple(pairs))
-    return levels
+@functools.partial(jax.jit, static_argnums=1)
+def _shrunk(image: Image, factor: int) -> Image:
+    return pyramid(image, 2, factor=factor)[0]
+
+
+def _downsampled(image: Image | None, factor: int) -> Image | None:
+    if image is None or factor == 1:
+        return image
+    return _shrunk(Image(jnp.asarray(image.data, jnp.float32), jnp.asarray(image.affine, jnp.float32)), factor)
 
 
 def _per_level(value, count: int, *, name: str) -> tuple:
@@ -153,8 +258,130 @@ def _check_pair(fixed, moving):
     return fixed, moving
 
 
+def _check_mask(mask, fixed: Image) -> Image | None:
+    if mask is None:
+        return None
+    mask = as_image(mask, ndim=fixed.ndim)
+    if mask.shape != fixed.shape:
+        raise ValueError(f"fixed_mask has shape {mask.shape}, the fixed image {fixed.shape}; they must match")
+    if not isinstance(mask.data, jax.core.Tracer) and not bool(jnp.any(jnp.asarray(mask.data) > 0)):
+        raise ValueError("fixed_mask is empty: no voxel has a positive weight")
+    return Image(jnp.asarray(mask.data, jnp.float32), fixed.affine)
+
+
+def _check_landmarks(landmarks, ndim: int):
+    if landmarks is None:
+        return None
+    if len(landmarks) != 2:
+        raise ValueError("landmarks must be a pair (fixed_points, moving_points)")
+    fixed_points, moving_points = (jnp.asarray(p, jnp.float32) for p in landmarks)
+    for name, p in (("fixed", fixed_points), ("moving", moving_points)):
+        if p.ndim != 2 or p.shape[-1] != ndim or p.shape[0] == 0:
+            raise ValueError(f"{name} landmarks must be a non-empty (N, {ndim}) array; got shape {p.shape}")
+    if fixed_points.shape != moving_points.shape:
+        raise ValueError(f"fixed and moving landmarks differ in count: {fixed_points.shape} vs {moving_points.shape}")
+    return fixed_points, moving_points
+
+
 def _centre(grid: Grid):
     return grid.index_to_world(jnp.asarray([(n - 1) / 2.0 for n in grid.shape], jnp.float32))
+
+
+def _similarity(value, default: Callable) -> Callable:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        if value not in similarity.SIMILARITIES:
+            raise ValueError(f"unknown similarity {value!r}; choose from {sorted(similarity.SIMILARITIES)}")
+        return similarity.SIMILARITIES[value]()
+    if not callable(value):
+        raise TypeError(f"similarity must be a name or a callable f(warped, fixed, mask=None); got {value!r}")
+    return value
+
+
+class _Context(NamedTuple):
+    """What a level's energy needs besides the images: traced, not baked into the program."""
+
+    initial: Transform | None
+    landmarks: tuple | None
+
+
+def _landmark_term(transform: Transform, context: _Context):
+    if context.landmarks is None:
+        return 0.0
+    fixed_points, moving_points = context.landmarks
+    return jnp.mean(jnp.sum((transform(fixed_points) - moving_points) ** 2, axis=-1))
+
+
+def _then(context: _Context, transform: Transform) -> Transform:
+    return transform if context.initial is None else compose(context.initial, transform)
+
+
+def _pyramid_stage(
+    fixed: Image,
+    moving: Image,
+    *,
+    name: str,
+    shrink,
+    steps,
+    fixed_mask,
+    context: _Context,
+    initial_params: Callable,
+    energy: Callable,
+    optimizer: optax.GradientTransformation,
+    apply: Callable | None = None,
+    tolerance: float | None,
+    clock: _Clock | None,
+    progress: Callable | None,
+):
+    """Run one stage over the pyramid. ``initial_params(previous, previous_grid, grid)``
+    gives each level's starting point; ``energy(params, fixed, moving, mask, context)`` is
+    the level's energy; ``apply(grid)`` may replace the additive update. Returns the
+    parameters, the loss history of each level and the finest level's grid."""
+    shrink = _check_shrink(shrink)
+    steps = _per_level(steps, len(shrink), name="steps")
+    params, previous_grid = None, None
+    histories = []
+    for level, (factor, n) in enumerate(zip(shrink, steps)):
+        fixed_level, moving_level = _downsampled(fixed, factor), _downsampled(moving, factor)
+        mask_level = None if fixed_mask is None else _downsampled(fixed_mask, factor).data
+        params = initial_params(params, previous_grid, fixed_level.grid)
+        previous_grid = fixed_level.grid
+
+        def run(params, fixed_level, moving_level, mask_level, context, n=n):
+            def level_energy(p):
+                return energy(p, fixed_level, moving_level, mask_level, context)
+
+            level_apply = None if apply is None else apply(fixed_level.grid)
+            return minimize(level_energy, params, optimizer, steps=n, tolerance=tolerance, apply=level_apply)
+
+        params, history = _run_level(run, (params, fixed_level, moving_level, mask_level, context), clock)
+        histories.append(history)
+        if progress is not None:
+            progress(name, level + 1, len(shrink))
+    return params, tuple(histories), previous_grid
+
+
+def _field_at(field, old_grid: Grid, new_grid: Grid):
+    return Displacement(field, old_grid.affine).displacement_at(new_grid.points())
+
+
+def _exp(v, affine, steps: int, exact_gradient: bool) -> Displacement:
+    """``exp(v)`` as a Displacement on v's grid. Without ``exact_gradient`` the gradient
+    of anything downstream reaches ``v`` as if ``exp`` were the identity (the log-domain
+    demons update, first order in ``v``): differentiating through scaling and squaring
+    transposes each squaring's gather into a scatter, 10x the cost of the forward pass on
+    CPU, and the smoothed update hardly changes."""
+    displacement = Velocity(v, affine, steps=steps).exp()
+    if exact_gradient:
+        return displacement
+    return Displacement(v + jax.lax.stop_gradient(displacement.field - v), displacement.affine)
+
+
+def _dense_initial(previous, previous_grid: Grid | None, grid: Grid):
+    if previous is None:
+        return jnp.zeros(grid.shape + (grid.ndim,), jnp.float32)
+    return _field_at(previous, previous_grid, grid)
 
 
 # ---------------------------------------------------------------------------- stages
@@ -165,44 +392,70 @@ def register_affine(
     moving,
     *,
     kind: str = "affine",
-    similarity_loss: Callable | None = None,
+    similarity_loss: Callable | str | None = None,
     shrink: Sequence[int] = (4, 2, 1),
     steps=100,
     learning_rate: float = 0.01,
     optimizer: optax.GradientTransformation | None = None,
     initial: Affine | None = None,
+    fixed_mask=None,
+    landmarks=None,
+    landmark_weight: float = 0.01,
+    tolerance: float | None = None,
+    progress: Callable | None = None,
+    _clock: _Clock | None = None,
 ):
     """Affine stage (``kind``: translation, rigid, similarity, affine) over a pyramid.
 
     Parameters act about the centre of the fixed image; translations are scaled to the
-    field of view so that one learning rate suits every parameter. ``optimizer`` defaults
-    to ``optax.adam(learning_rate)``. Returns ``(Affine, losses)``.
+    field of view so that one learning rate suits every parameter. ``similarity_loss``
+    defaults to NCC and ``optimizer`` to ``optax.adam(learning_rate)``. Returns
+    ``(Affine, losses)``.
     """
     fixed, moving = _check_pair(fixed, moving)
-    shrink = _check_shrink(shrink)
+    fixed_mask = _check_mask(fixed_mask, fixed)
+    similarity_loss = _similarity(similarity_loss, similarity.ncc())
     optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
     ndim = fixed.ndim
-    similarity_loss = similarity.ncc() if similarity_loss is None else similarity_loss
-    steps = _per_level(steps, len(shrink), name="steps")
     count = affine_param_count(kind, ndim)
     centre = _centre(fixed.grid)
     extent = jnp.max(jnp.asarray(fixed.grid.spacing) * jnp.asarray(fixed.grid.shape, jnp.float32))
     base = Affine.identity(ndim) if initial is None else initial
+    context = _Context(base, _check_landmarks(landmarks, ndim))
 
-    def to_affine(params):
+    def to_affine(params, base):
         scaled = params.at[-ndim:].multiply(extent)
         return compose(base, Affine.from_params(scaled, kind=kind, ndim=ndim, center=centre))
 
-    params = jnp.zeros(count, jnp.float32)
-    histories = []
-    for (fixed_level, moving_level), n in zip(_levels(fixed, moving, shrink), steps):
+    def energy(params, fixed_level, moving_level, mask, context):
+        transform = to_affine(params, context.initial)
+        warped = warp(moving_level, transform, fixed_level.grid).data
+        return similarity_loss(warped, fixed_level.data, mask=mask) + landmark_weight * _landmark_term(transform, context)
 
-        def energy(p, fixed_level=fixed_level, moving_level=moving_level):
-            return similarity_loss(warp(moving_level, to_affine(p), fixed_level.grid).data, fixed_level.data)
+    params, losses, _ = _pyramid_stage(
+        fixed,
+        moving,
+        name=kind,
+        shrink=shrink,
+        steps=steps,
+        fixed_mask=fixed_mask,
+        context=context,
+        initial_params=lambda p, g0, g: jnp.zeros(count, jnp.float32) if p is None else p,
+        energy=energy,
+        optimizer=optimizer,
+        tolerance=tolerance,
+        clock=_clock,
+        progress=progress,
+    )
+    return to_affine(params, base), losses
 
-        params, history = jax.jit(lambda p, e=energy, n=n: minimize(e, p, optimizer, steps=n))(params)
-        histories.append(history)
-    return to_affine(params), tuple(histories)
+
+def _dense_stage_common(fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer, learning_rate, smoothing):
+    fixed, moving = _check_pair(fixed, moving)
+    fixed_mask = _check_mask(fixed_mask, fixed)
+    similarity_loss = _similarity(similarity_loss, similarity.lncc(radius=2))
+    optimizer = optax.chain(optax.adam(learning_rate) if optimizer is None else optimizer, smooth_updates(smoothing))
+    return fixed, moving, fixed_mask, _check_landmarks(landmarks, fixed.ndim), similarity_loss, optimizer
 
 
 def register_svf(
@@ -210,7 +463,7 @@ def register_svf(
     moving,
     *,
     initial: Transform | None = None,
-    similarity_loss: Callable | None = None,
+    similarity_loss: Callable | str | None = None,
     regularization: float = 1.0,
     shrink: Sequence[int] = (4, 2, 1),
     steps=(100, 60, 30),
@@ -218,71 +471,388 @@ def register_svf(
     optimizer: optax.GradientTransformation | None = None,
     smoothing: float = 1.0,
     squarings: int = 6,
+    exact_gradient: bool = False,
+    fixed_mask=None,
+    landmarks=None,
+    landmark_weight: float = 0.01,
+    tolerance: float | None = None,
+    progress: Callable | None = None,
+    _clock: _Clock | None = None,
 ):
     """Diffeomorphic stage: a stationary velocity field on the fixed grid, over a pyramid.
 
     The energy is ``similarity(moving o initial o exp(v), fixed) + regularization *
     diffusion(v)`` (``initial``, e.g. an affine, maps fixed to moving world space first).
-    The optimizer (default ``optax.adam(learning_rate)``) is followed by Gaussian
-    smoothing of its updates by ``smoothing`` voxels. Returns ``(Velocity, losses)``;
-    ``exp(-v)`` is its exact inverse.
+    The optimizer (default ``optax.adam(learning_rate)``, in mm per step) is followed by
+    Gaussian smoothing of its updates by ``smoothing`` voxels. Returns ``(Velocity,
+    losses)``; ``exp(-v)`` is its exact inverse.
+    """
+    fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer = _dense_stage_common(
+        fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer, learning_rate, smoothing
+    )
+    diffusion = regularizers.diffusion()
+
+    def energy(v, fixed_level, moving_level, mask, context):
+        transform = _then(context, _exp(v, fixed_level.affine, squarings, exact_gradient))
+        warped = warp(moving_level, transform, fixed_level.grid).data
+        value = similarity_loss(warped, fixed_level.data, mask=mask) + regularization * diffusion(v, fixed_level.grid)
+        return value + landmark_weight * _landmark_term(transform, context)
+
+    field, losses, grid = _pyramid_stage(
+        fixed,
+        moving,
+        name="svf",
+        shrink=shrink,
+        steps=steps,
+        fixed_mask=fixed_mask,
+        context=_Context(initial, landmarks),
+        initial_params=_dense_initial,
+        energy=energy,
+        optimizer=optimizer,
+        tolerance=tolerance,
+        clock=_clock,
+        progress=progress,
+    )
+    return Velocity(field, grid.affine, steps=squarings), losses
+
+
+def register_syn(
+    fixed,
+    moving,
+    *,
+    initial: Transform | None = None,
+    similarity_loss: Callable | str | None = None,
+    regularization: float = 1.0,
+    shrink: Sequence[int] = (4, 2, 1),
+    steps=(100, 60, 30),
+    learning_rate: float = 0.5,
+    optimizer: optax.GradientTransformation | None = None,
+    smoothing: float = 1.0,
+    squarings: int = 6,
+    exact_gradient: bool = False,
+    fixed_mask=None,
+    landmarks=None,
+    landmark_weight: float = 0.01,
+    tolerance: float | None = None,
+    progress: Callable | None = None,
+    _clock: _Clock | None = None,
+):
+    """Symmetric stage: both images move half way and meet in the middle (SyN's idea).
+
+    One velocity field ``v`` on the fixed grid; the energy compares ``moving o initial o
+    exp(v/2)`` with ``fixed o exp(-v/2)``, so neither image is privileged, and the
+    transform is ``initial o exp(v)`` with the exact inverse ``exp(-v) o initial^-1``.
+    ANTs' SyN keeps two greedy fields and their numerical inverses; one log-domain field
+    gives the same symmetry with an inverse that needs no iteration. Returns ``(Velocity,
+    losses)``; ``fixed_mask`` weighs the similarity where the fixed image lands.
+    """
+    fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer = _dense_stage_common(
+        fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer, learning_rate, smoothing
+    )
+    diffusion = regularizers.diffusion()
+
+    def energy(v, fixed_level, moving_level, mask, context):
+        grid = fixed_level.grid
+        forward = _exp(0.5 * v, fixed_level.affine, squarings - 1, exact_gradient)
+        backward = _exp(-0.5 * v, fixed_level.affine, squarings - 1, exact_gradient)
+        moving_half = warp(moving_level, _then(context, forward), grid).data
+        fixed_half = warp(fixed_level, backward, grid).data
+        if mask is not None:
+            mask = warp(Image(mask, fixed_level.affine), backward, grid).data
+        value = similarity_loss(moving_half, fixed_half, mask=mask) + regularization * diffusion(v, grid)
+        if context.landmarks is not None:
+            value = value + landmark_weight * _landmark_term(_then(context, compose(forward, forward)), context)
+        return value
+
+    field, losses, grid = _pyramid_stage(
+        fixed,
+        moving,
+        name="syn",
+        shrink=shrink,
+        steps=steps,
+        fixed_mask=fixed_mask,
+        context=_Context(initial, landmarks),
+        initial_params=_dense_initial,
+        energy=energy,
+        optimizer=optimizer,
+        tolerance=tolerance,
+        clock=_clock,
+        progress=progress,
+    )
+    return Velocity(field, grid.affine, steps=squarings), losses
+
+
+def register_greedy(
+    fixed,
+    moving,
+    *,
+    initial: Transform | None = None,
+    similarity_loss: Callable | str | None = None,
+    regularization: float = 0.0,
+    shrink: Sequence[int] = (4, 2, 1),
+    steps=(100, 60, 30),
+    learning_rate: float = 0.5,
+    optimizer: optax.GradientTransformation | None = None,
+    smoothing: float = 1.0,
+    field_smoothing: float = 0.5,
+    fixed_mask=None,
+    landmarks=None,
+    landmark_weight: float = 0.01,
+    tolerance: float | None = None,
+    progress: Callable | None = None,
+    _clock: _Clock | None = None,
+):
+    """Greedy compositive stage (ANTs' greedy SyN half, FireANTs' greedy): a displacement
+    ``u`` on the fixed grid, updated by composition ``phi <- phi o (id + step)``.
+
+    Each step smooths the optimizer's update by ``smoothing`` voxels (the fluid-like
+    regularization), composes it, then smooths the whole field by ``field_smoothing``
+    voxels (the elastic-like one); ``regularization`` adds ``diffusion(u)`` to the energy.
+    Large deformations stay cheap, but nothing guarantees invertibility: check the
+    Jacobian. Returns ``(Displacement, losses)``.
+    """
+    fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer = _dense_stage_common(
+        fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer, learning_rate, smoothing
+    )
+    _checks.check_nonnegative(field_smoothing, name="field_smoothing")
+    diffusion = regularizers.diffusion()
+
+    def energy(u, fixed_level, moving_level, mask, context):
+        transform = _then(context, Displacement(u, fixed_level.affine))
+        warped = warp(moving_level, transform, fixed_level.grid).data
+        value = similarity_loss(warped, fixed_level.data, mask=mask)
+        if regularization:
+            value = value + regularization * diffusion(u, fixed_level.grid)
+        return value + landmark_weight * _landmark_term(transform, context)
+
+    def compositive(grid: Grid):
+        def apply(u, step):
+            # (phi o (id + s))(x) = x + s(x) + u(x + s(x))
+            moved = Displacement(u, grid.affine).displacement_at(grid.points() + step)
+            field = step + moved
+            if field_smoothing > 0:
+                field = gaussian_smooth(field, field_smoothing, ndim=grid.ndim)
+            return field
+
+        return apply
+
+    field, losses, grid = _pyramid_stage(
+        fixed,
+        moving,
+        name="greedy",
+        shrink=shrink,
+        steps=steps,
+        fixed_mask=fixed_mask,
+        context=_Context(initial, landmarks),
+        initial_params=_dense_initial,
+        energy=energy,
+        optimizer=optimizer,
+        apply=compositive,
+        tolerance=tolerance,
+        clock=_clock,
+        progress=progress,
+    )
+    return Displacement(field, grid.affine), losses
+
+
+def register_bspline(
+    fixed,
+    moving,
+    *,
+    initial: Transform | None = None,
+    similarity_loss: Callable | str | None = None,
+    regularization: float = 0.1,
+    control_spacing=None,
+    shrink: Sequence[int] = (4, 2, 1),
+    steps=(100, 60, 30),
+    learning_rate: float = 0.2,
+    optimizer: optax.GradientTransformation | None = None,
+    fixed_mask=None,
+    landmarks=None,
+    landmark_weight: float = 0.01,
+    tolerance: float | None = None,
+    progress: Callable | None = None,
+    _clock: _Clock | None = None,
+):
+    """Free-form deformation: cubic B-spline coefficients every ``control_spacing`` mm
+    (default 5 voxels of the fixed image) on one control grid shared by all levels.
+
+    The energy is ``similarity + regularization * bending(coefficients)``, the bending
+    energy of the coefficient field on the control grid (the spline's own bending energy
+    up to a constant factor, at a fraction of the cost). Returns ``(BSpline, losses)``.
     """
     fixed, moving = _check_pair(fixed, moving)
-    shrink = _check_shrink(shrink)
-    similarity_loss = similarity.lncc(radius=2) if similarity_loss is None else similarity_loss
-    diffusion = regularizers.diffusion()
-    steps = _per_level(steps, len(shrink), name="steps")
-    optimizer = optax.chain(optax.adam(learning_rate) if optimizer is None else optimizer, smooth_updates(smoothing))
-    field, grid = None, None
-    histories = []
-    for (fixed_level, moving_level), n in zip(_levels(fixed, moving, shrink), steps):
-        level_grid = fixed_level.grid
-        if field is None:
-            field = jnp.zeros(level_grid.shape + (level_grid.ndim,), jnp.float32)
-        else:
-            field = Displacement(field, grid.affine).displacement_at(level_grid.points())
-        grid = level_grid
+    fixed_mask = _check_mask(fixed_mask, fixed)
+    similarity_loss = _similarity(similarity_loss, similarity.lncc(radius=2))
+    optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
+    if control_spacing is None:
+        control_spacing = tuple(5.0 * s for s in fixed.grid.spacing)
+    control = BSpline.control_grid(fixed.grid, control_spacing)
+    bending = regularizers.bending()
 
-        def energy(v, fixed_level=fixed_level, moving_level=moving_level):
-            velocity = Velocity(v, fixed_level.affine, steps=squarings)
-            transform = velocity if initial is None else compose(initial, velocity)
-            warped = warp(moving_level, transform, fixed_level.grid).data
-            return similarity_loss(warped, fixed_level.data) + regularization * diffusion(v, fixed_level.grid)
+    def energy(coefficients, fixed_level, moving_level, mask, context):
+        transform = _then(context, BSpline(coefficients, control.affine))
+        warped = warp(moving_level, transform, fixed_level.grid).data
+        value = similarity_loss(warped, fixed_level.data, mask=mask) + regularization * bending(coefficients, control)
+        return value + landmark_weight * _landmark_term(transform, context)
 
-        field, history = jax.jit(lambda v, e=energy, n=n: minimize(e, v, optimizer, steps=n))(field)
-        histories.append(history)
-    return Velocity(field, grid.affine, steps=squarings), tuple(histories)
+    coefficients, losses, _ = _pyramid_stage(
+        fixed,
+        moving,
+        name="bspline",
+        shrink=shrink,
+        steps=steps,
+        fixed_mask=fixed_mask,
+        context=_Context(initial, _check_landmarks(landmarks, fixed.ndim)),
+        initial_params=lambda p, g0, g: jnp.zeros(control.shape + (fixed.ndim,), jnp.float32) if p is None else p,
+        energy=energy,
+        optimizer=optimizer,
+        tolerance=tolerance,
+        clock=_clock,
+        progress=progress,
+    )
+    return BSpline(coefficients, control.affine), losses
+
+
+# ---------------------------------------------------------------------------- presets
+
+DEFORMABLE_STAGES = {
+    "svf": register_svf,
+    "syn": register_syn,
+    "greedy": register_greedy,
+    "bspline": register_bspline,
+}
+
+#: Named option sets for :func:`register`. Each maps to its ``affine``, ``deformable``,
+#: ``similarity`` and per-stage options; explicit arguments override them.
+PRESETS: dict[str, dict] = {
+    # Same-modality brain MRI, skull-stripped: affine by NCC, then greedy LNCC, which
+    # matched ANTs SyN's Dice on OASIS at a fraction of the time (benchmarks/pairwise.py).
+    "brain-mri": dict(
+        affine="affine",
+        deformable="greedy",
+        affine_options=dict(similarity_loss="ncc", shrink=(4, 2), steps=(100, 50)),
+        deformable_options=dict(similarity_loss="lncc", shrink=(4, 2), steps=(100, 30)),
+    ),
+    # The same, coarser and shorter: a first look in seconds.
+    "fast": dict(
+        affine="affine",
+        deformable="svf",
+        affine_options=dict(similarity_loss="ncc", shrink=(4,), steps=(80,)),
+        deformable_options=dict(similarity_loss="lncc", shrink=(4, 2), steps=(80, 40)),
+    ),
+    # CT (Hounsfield units, large flat regions): mutual information for the affine.
+    "ct": dict(
+        affine="affine",
+        deformable="svf",
+        affine_options=dict(similarity_loss="mi", shrink=(4, 2), steps=(100, 50)),
+        deformable_options=dict(similarity_loss="lncc", shrink=(4, 2, 1), steps=(80, 40, 20), regularization=2.0),
+    ),
+    # Different contrasts (T1 to T2, MR to CT): MI for the affine, MIND for the deformable.
+    "multimodal": dict(
+        affine="affine",
+        deformable="svf",
+        affine_options=dict(similarity_loss="mi", shrink=(4, 2), steps=(100, 50)),
+        deformable_options=dict(similarity_loss="mind", shrink=(4, 2), steps=(80, 40), regularization=2.0),
+    ),
+    "rigid": dict(affine="rigid", deformable=None, affine_options=dict(similarity_loss="ncc", shrink=(4, 2, 1), steps=(100, 50, 25))),
+    "affine": dict(affine="affine", deformable=None, affine_options=dict(similarity_loss="ncc", shrink=(4, 2, 1), steps=(100, 50, 25))),
+}
+
+_UNSET = object()
+
+
+def _steps_for(shrink, preset_shrink, preset_steps) -> tuple:
+    """Steps for new shrink factors from a preset's: the preset's count at the same
+    factor, else at the nearest one."""
+    shrink, preset_shrink = _check_shrink(shrink), _check_shrink(preset_shrink)
+    preset_steps = _per_level(preset_steps, len(preset_shrink), name="steps")
+    by_factor = dict(zip(preset_shrink, preset_steps))
+    return tuple(by_factor.get(f, by_factor[min(preset_shrink, key=lambda g: abs(g - f))]) for f in shrink)
 
 
 def register(
     fixed,
     moving,
     *,
-    affine: str | None = "affine",
-    deformable: str | None = "svf",
+    preset: str | None = None,
+    affine=_UNSET,
+    deformable=_UNSET,
+    similarity=None,
+    regularization: float | None = None,
+    shrink: Sequence[int] | None = None,
+    steps=None,
+    fixed_mask=None,
+    landmarks=None,
+    progress: Callable | None = None,
     affine_options: dict | None = None,
     deformable_options: dict | None = None,
 ) -> Result:
-    """Register ``moving`` to ``fixed``: an affine stage, then an SVF refinement.
+    """Register ``moving`` to ``fixed``: a linear stage, then a deformable one.
 
-    ``affine`` is an affine kind or None; ``deformable`` is ``"svf"`` or None. Options are
-    passed to :func:`register_affine` / :func:`register_svf`. The result's transform maps
-    fixed world points to moving world points; ``result.warped`` is ``moving`` on the
-    fixed grid.
+    ``preset`` (default ``"brain-mri"``, see :data:`PRESETS`) sets both stages; then
+    ``affine`` (an affine kind or None) and ``deformable`` (``"svf"``, ``"syn"``,
+    ``"greedy"``, ``"bspline"`` or None) choose the stages, and ``similarity`` (a name of
+    :data:`jaxreg.losses.SIMILARITIES` or a callable), ``regularization``, ``shrink`` and
+    ``steps`` override the deformable stage's settings (the affine stage's when there is
+    no deformable one). ``*_options`` go to the stage functions last. ``progress(stage,
+    done, total)`` is called after each pyramid level. The transform maps fixed world
+    points to moving ones; ``result.warped`` is ``moving`` on the fixed grid.
     """
     fixed, moving = _check_pair(fixed, moving)
-    if deformable not in ("svf", None):
-        raise ValueError(f"deformable must be 'svf' or None; got {deformable!r} (greedy, SyN and B-spline are not built yet)")
+    preset_name = "brain-mri" if preset is None else preset
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
+    chosen = PRESETS[preset_name]
+    affine = chosen["affine"] if affine is _UNSET else affine
+    deformable = chosen.get("deformable") if deformable is _UNSET else deformable
+    if affine is not None and affine not in ("translation", "rigid", "similarity", "affine"):
+        raise ValueError(f"affine must be translation, rigid, similarity, affine or None; got {affine!r}")
+    if deformable is not None and deformable not in DEFORMABLE_STAGES:
+        raise ValueError(f"deformable must be one of {sorted(DEFORMABLE_STAGES)} or None; got {deformable!r}")
+    if affine is None and deformable is None:
+        raise ValueError("nothing to do: both affine and deformable are None")
+
+    linear_options = dict(chosen.get("affine_options", {}))
+    dense_options = dict(chosen.get("deformable_options", {})) if deformable is not None else {}
+    if deformable is not None and chosen.get("deformable") != deformable:
+        # A different stage than the preset's: keep only the settings every stage shares.
+        dense_options = {k: v for k, v in dense_options.items() if k in ("similarity_loss", "shrink", "steps")}
+    overrides = {
+        k: v
+        for k, v in dict(similarity_loss=similarity, regularization=regularization, shrink=shrink, steps=steps).items()
+        if v is not None
+    }
+    target = dense_options if deformable is not None else linear_options
+    if deformable is None:
+        overrides.pop("regularization", None)
+    if "shrink" in overrides and "steps" not in overrides and "steps" in target:
+        overrides["steps"] = _steps_for(overrides["shrink"], target.get("shrink", (4, 2, 1)), target["steps"])
+    target.update(overrides)
+    linear_options.update(affine_options or {})
+    dense_options.update(deformable_options or {})
+
+    clock = _Clock()
+    common = dict(fixed_mask=fixed_mask, landmarks=landmarks, progress=progress, _clock=clock)
     losses: tuple = ()
+    stages: tuple = ()
     transform: Transform = Affine.identity(fixed.ndim)
     inverse: Transform | None = transform
     if affine is not None:
-        transform, affine_losses = register_affine(fixed, moving, kind=affine, **(affine_options or {}))
+        transform, affine_losses = register_affine(fixed, moving, kind=affine, **common, **linear_options)
         inverse = transform.inverse()
         losses += affine_losses
-    if deformable == "svf":
-        velocity, svf_losses = register_svf(fixed, moving, initial=transform, **(deformable_options or {}))
-        inverse = compose(velocity.inverse(), inverse)
-        transform = compose(transform, velocity)
-        losses += svf_losses
-    return Result(transform, inverse, warp(moving, transform, fixed.grid), losses)
+        stages += tuple(f"{affine}@{f}" for f in _check_shrink(linear_options.get("shrink", (4, 2, 1))))
+    if deformable is not None:
+        stage = DEFORMABLE_STAGES[deformable]
+        dense, dense_losses = stage(fixed, moving, initial=transform, **common, **dense_options)
+        if isinstance(dense, Velocity):
+            dense_inverse = dense.inverse()
+        else:
+            dense_inverse = invert(dense, grid=dense.grid if isinstance(dense, Displacement) else fixed.grid)
+        inverse = compose(dense_inverse, inverse)
+        transform = compose(transform, dense)
+        losses += dense_losses
+        stages += tuple(f"{deformable}@{f}" for f in _check_shrink(dense_options.get("shrink", (4, 2, 1))))
+    warped = warp(moving, transform, fixed.grid)
+    return Result(transform, inverse, warped, losses, stages, **clock.result_fields())

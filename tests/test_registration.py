@@ -7,7 +7,21 @@ import pytest
 from jaxreg import metrics, synthetic
 from jaxreg.filters import gaussian_smooth
 from jaxreg.grid import Grid, Image
-from jaxreg.registration import cap_step, minimize, register, register_affine, register_svf, smooth_updates
+from jaxreg.losses import similarity
+from jaxreg.registration import (
+    PRESETS,
+    _steps_for,
+    cap_step,
+    minimize,
+    register,
+    register_affine,
+    register_bspline,
+    register_greedy,
+    register_svf,
+    register_syn,
+    smooth_updates,
+)
+from jaxreg.transforms import BSpline, Displacement, Velocity
 from jaxreg.transforms import Affine, compose, jacobian_determinant, warp
 
 LABELS = (1, 2, 3, 4)
@@ -66,7 +80,7 @@ def test_register_svf_improves_dice_without_folding_and_has_an_exact_inverse():
     assert after > before + 0.05, (before, after)
     assert float(jnp.min(jacobian_determinant(velocity, fixed.grid))) > 0
     round_trip = compose(velocity, velocity.inverse()).mapped_points(fixed.grid) - fixed.grid.points()
-    assert float(jnp.abs(round_trip[5:-5, 5:-5]).max()) < 0.1
+    assert float(jnp.abs(round_trip[5:-5, 5:-5]).max()) < 0.15  # a tenth of a voxel: scaling and squaring is discrete
 
 
 def test_register_svf_vmaps_over_pairs_like_a_loop():
@@ -90,6 +104,7 @@ def test_register_chains_affine_and_svf():
         fixed,
         moving,
         affine="translation",
+        deformable="svf",
         affine_options=dict(shrink=(2, 1), steps=(80, 40), learning_rate=0.02),
         deformable_options=dict(shrink=(1,), steps=(20,)),
     )
@@ -107,5 +122,133 @@ def test_bad_arguments_are_named():
         register_svf(fixed, fixed, shrink=(0,))
     with pytest.raises(ValueError, match="per level"):
         register_svf(fixed, fixed, shrink=(2, 1), steps=(5,))
-    with pytest.raises(ValueError, match="not built yet"):
-        register(fixed, fixed, deformable="syn")
+    with pytest.raises(ValueError, match="deformable must be one of"):
+        register(fixed, fixed, deformable="demons")
+    with pytest.raises(ValueError, match="unknown preset"):
+        register(fixed, fixed, preset="lungs")
+    with pytest.raises(ValueError, match="unknown similarity"):
+        register(fixed, fixed, similarity="nope")
+    with pytest.raises(ValueError, match="nothing to do"):
+        register(fixed, fixed, affine=None, deformable=None)
+    with pytest.raises(ValueError, match="empty"):
+        register_svf(fixed, fixed, fixed_mask=jnp.zeros((16, 16)))
+    with pytest.raises(ValueError, match="fixed_mask has shape"):
+        register_svf(fixed, fixed, fixed_mask=jnp.ones((8, 8)))
+    with pytest.raises(ValueError, match="landmarks"):
+        register_affine(fixed, fixed, landmarks=(jnp.zeros((3, 2)), jnp.zeros((4, 2))))
+    with pytest.raises(ValueError, match="tolerance"):
+        minimize(lambda p: p**2, 1.0, optax.sgd(0.1), steps=5, tolerance=-1.0)
+
+
+def test_minimize_stops_when_converged_and_pads_the_history_with_nan():
+    energy = lambda p: jnp.sum((p - 3.0) ** 2)
+    run = jax.jit(lambda p: minimize(energy, p, optax.sgd(0.2), steps=500, tolerance=1e-4, window=5))
+    params, history = run(jnp.zeros(2))
+    done = int(jnp.sum(jnp.isfinite(history)))
+    assert 10 <= done < 100, done  # geometric convergence: far fewer than 500 steps
+    assert bool(jnp.all(jnp.isnan(history[done:])))
+    np.testing.assert_allclose(params, [3.0, 3.0], atol=1e-2)
+    # Under vmap each problem stops on its own: the batched loop gives each its own answer.
+    batched, _ = jax.vmap(run)(jnp.array([[0.0, 0.0], [2.9, 3.1]]))
+    np.testing.assert_allclose(batched[0], params, atol=1e-6)
+
+
+def _warped_pair(seed, amplitude=4.0, shape=(48, 48)):
+    fixed, fixed_labels = _pair(seed, shape)
+    truth = synthetic.random_velocity(jax.random.PRNGKey(seed + 100), fixed.grid, amplitude=amplitude, smoothness=14.0)
+    moving = warp(fixed, truth)
+    moving_labels = warp(Image(fixed_labels, fixed.affine), truth, order=0).data
+    return fixed, fixed_labels, moving, moving_labels
+
+
+def _dice_gain(transform, fixed, fixed_labels, moving_labels):
+    warped_labels = warp(Image(moving_labels, fixed.affine), transform, fixed.grid, order=0).data
+    before = float(metrics.mean_dice(moving_labels, fixed_labels, labels=LABELS))
+    after = float(metrics.mean_dice(warped_labels, fixed_labels, labels=LABELS))
+    return before, after
+
+
+@pytest.mark.parametrize("stage", [register_syn, register_greedy, register_bspline])
+def test_deformable_stages_improve_dice_without_folding(stage):
+    fixed, fixed_labels, moving, moving_labels = _warped_pair(11)
+    transform, losses = stage(fixed, moving, shrink=(2, 1), steps=(60, 40))
+    before, after = _dice_gain(transform, fixed, fixed_labels, moving_labels)
+    assert after > before + 0.05, (stage.__name__, before, after)
+    det = jacobian_determinant(transform, fixed.grid)
+    assert float(jnp.mean(det <= 0)) < 1e-3
+    assert float(losses[-1][-1]) < float(losses[0][0])
+    expected = {register_syn: Velocity, register_greedy: Displacement, register_bspline: BSpline}[stage]
+    assert isinstance(transform, expected)
+
+
+def test_syn_is_symmetric_swapping_the_images_negates_the_velocity():
+    # sim(m o exp(v/2), f o exp(-v/2)) with a symmetric similarity is the same energy as
+    # the swapped problem at -v, and Adam and smoothing commute with the sign flip.
+    fixed, _, moving, _ = _warped_pair(12)
+    forward, _ = register_syn(fixed, moving, shrink=(2, 1), steps=(30, 20), similarity_loss="mse")
+    backward, _ = register_syn(moving, fixed, shrink=(2, 1), steps=(30, 20), similarity_loss="mse")
+    scale = float(jnp.abs(forward.field).max())
+    assert scale > 0.5
+    np.testing.assert_allclose(backward.field, -forward.field, atol=2e-3 * scale)
+    # and the inverse is exact: exp(v) o exp(-v) = id
+    points = fixed.grid.points()
+    round_trip = forward(forward.inverse()(points))
+    assert float(jnp.abs(round_trip - points)[6:-6, 6:-6].max()) < 0.05
+
+
+def test_greedy_recovers_a_translation_by_composition():
+    fixed, _ = _pair(13)
+    shift = jnp.array([2.0, -1.5])  # mm, on 1.5 mm voxels
+    moving = warp(fixed, Affine.from_params(-shift, kind="translation", ndim=2))
+    field, _ = register_greedy(fixed, moving, shrink=(2, 1), steps=(80, 40), similarity_loss="mse", learning_rate=0.2)
+    interior = field.field[10:-10, 10:-10]
+    # moving(x) = fixed(x - shift), so moving(x + shift) = fixed(x): the field is +shift
+    np.testing.assert_allclose(jnp.median(interior.reshape(-1, 2), axis=0), shift, atol=0.3)
+
+
+def test_mask_and_landmarks_enter_the_energy_exactly():
+    fixed, _, moving, _ = _warped_pair(14)
+    mask = jnp.zeros(fixed.shape).at[:, :24].set(1.0)
+    lncc = similarity.lncc(radius=2)
+    _, losses = register_svf(fixed, moving, shrink=(1,), steps=(1,), fixed_mask=mask, similarity_loss=lncc)
+    np.testing.assert_allclose(losses[0][0], lncc(moving.data, fixed.data, mask=mask), rtol=1e-5)
+    fixed_points = jnp.array([[10.0, 12.0], [30.0, 40.0], [50.0, 20.0]])
+    moving_points = fixed_points + jnp.array([2.0, -1.0])
+    _, plain = register_affine(fixed, moving, shrink=(1,), steps=(1,))
+    _, with_landmarks = register_affine(
+        fixed, moving, shrink=(1,), steps=(1,), landmarks=(fixed_points, moving_points), landmark_weight=0.5
+    )
+    np.testing.assert_allclose(with_landmarks[0][0] - plain[0][0], 0.5 * 5.0, rtol=1e-4)
+
+
+def test_landmarks_pull_an_affine_registration():
+    fixed, _ = _pair(15)
+    truth = Affine.from_params(jnp.array([3.0, -2.0]), kind="translation", ndim=2)
+    fixed_points = jnp.array([[10.0, 12.0], [30.0, 40.0], [50.0, 20.0], [20.0, 55.0]])
+    moving = fixed  # the images say "identity"; only the landmarks say "shift"
+    found, _ = register_affine(
+        fixed, moving, kind="translation", shrink=(1,), steps=(200,), learning_rate=0.02,
+        landmarks=(fixed_points, truth(fixed_points)), landmark_weight=10.0,
+    )
+    np.testing.assert_allclose(found(fixed_points), truth(fixed_points), atol=0.3)
+
+
+def test_register_reports_stages_and_timings_and_presets_resolve_steps():
+    fixed, fixed_labels, moving, moving_labels = _warped_pair(16, shape=(32, 32))
+    result = register(fixed, moving, preset="fast", shrink=(2, 1))
+    assert result.stages == ("affine@4", "svf@2", "svf@1")
+    assert result.compile_seconds > 0 and result.run_seconds > 0
+    assert len(result.losses) == 3
+    assert _steps_for((2, 1), (4, 2), (80, 40)) == (40, 40)
+    assert _steps_for((8, 4), (4, 2, 1), (100, 60, 30)) == (100, 100)
+    assert set(PRESETS) >= {"brain-mri", "fast", "ct", "multimodal", "rigid", "affine"}
+    # traced: nothing to time
+    traced = jax.jit(lambda f, m: register(Image(f, fixed.affine), Image(m, fixed.affine), preset="fast", shrink=(1,)).warped.data)
+    assert traced(fixed.data, moving.data).shape == fixed.shape
+
+
+def test_rigid_preset_has_no_deformable_stage():
+    fixed, _ = _pair(17, shape=(32, 32))
+    result = register(fixed, fixed, preset="rigid", shrink=(1,), steps=(5,))
+    assert result.stages == ("rigid@1",)
+    assert isinstance(result.transform, Affine)
