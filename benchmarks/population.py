@@ -1,0 +1,126 @@
+"""Population throughput: many pairs registered by one vmap-ed program against a loop.
+
+    python benchmarks/population.py [--quick] [--stage svf|greedy] [--size 96] [--out PATH]
+
+Each of N moving images (synthetic blobs warped by random smooth velocities, 2-D,
+``--size``^2) is registered to the same fixed image with the same stage and settings.
+``vmap``: ``jax.jit(jax.vmap(stage))`` over the whole batch; ``loop``: one jitted
+single-pair program called N times. Both are compiled once before timing (compile time
+reported apart), so the ratio is pure throughput. Writes
+``benchmarks/results/population.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import code_version, machine_info, markdown_table, time_calls, write_atomic  # noqa: E402
+
+from jaxreg import synthetic  # noqa: E402
+from jaxreg.grid import Grid, Image  # noqa: E402
+from jaxreg.registration import register_greedy, register_svf  # noqa: E402
+from jaxreg.transforms import warp  # noqa: E402
+
+STAGES = {"svf": register_svf, "greedy": register_greedy}
+
+
+def make_batch(n: int, size: int):
+    grid = Grid((size, size))
+    fixed, _ = synthetic.blobs(jax.random.PRNGKey(0), grid.shape)
+    moving = jnp.stack(
+        [warp(fixed, synthetic.random_velocity(jax.random.PRNGKey(i + 1), grid, amplitude=3.0, smoothness=12.0)) for i in range(n)]
+    )
+    return jnp.broadcast_to(fixed, moving.shape), moving
+
+
+def run(stage_name: str, counts, size: int, steps: int, repeats: int) -> list[dict]:
+    stage = STAGES[stage_name]
+    options = dict(shrink=(2, 1), steps=(steps, steps // 2), optimizer=optax.adam(0.5))
+
+    def one(f, m):
+        field, _ = stage(Image(f), Image(m), **options)
+        return field.field
+
+    rows = []
+    for n in counts:
+        fixed, moving = make_batch(n, size)
+        start = time.perf_counter()
+        batched = jax.jit(jax.vmap(one)).lower(fixed, moving).compile()
+        vmap_compile = time.perf_counter() - start
+        start = time.perf_counter()
+        single = jax.jit(one).lower(fixed[0], moving[0]).compile()
+        loop_compile = time.perf_counter() - start
+        vmap_time, _ = time_calls(lambda: batched(fixed, moving), repeats)
+        loop_time, _ = time_calls(lambda: [single(fixed[i], moving[i]) for i in range(n)], repeats)
+        rows.append(
+            dict(
+                stage=stage_name,
+                pairs=n,
+                size=size,
+                vmap_s=vmap_time.median_s,
+                loop_s=loop_time.median_s,
+                vmap_pairs_per_s=n / vmap_time.median_s,
+                loop_pairs_per_s=n / loop_time.median_s,
+                speedup=loop_time.median_s / vmap_time.median_s,
+                vmap_compile_s=vmap_compile,
+                loop_compile_s=loop_compile,
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def render(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Population throughput: vmap vs loop",
+        "",
+        f"{result['started']} on {m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores), jax {m.get('jax', '?')}. "
+        "Median of repeated runs; compile excluded and listed apart (the loop program is compiled once, so after the first count it comes from JAX's cache).",
+        "",
+    ]
+    rows = [
+        [r["stage"], f"{r['size']}^2", r["pairs"], f"{r['vmap_pairs_per_s']:.2f}", f"{r['loop_pairs_per_s']:.2f}",
+         f"{r['speedup']:.2f}x", f"{r['vmap_compile_s']:.1f}", f"{r['loop_compile_s']:.1f}"]
+        for r in result["rows"]
+    ]
+    lines.append(markdown_table(["stage", "size", "pairs", "vmap pairs/s", "loop pairs/s", "vmap / loop", "vmap compile s", "loop compile s"], rows))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 and 8 pairs, 48^2, few steps")
+    parser.add_argument("--stage", default="svf,greedy")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "population.json"))
+    args = parser.parse_args(argv)
+    counts = (1, 8) if args.quick else (1, 8, 32, 128)
+    size = 48 if args.quick else args.size
+    steps = 10 if args.quick else 40
+    result = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "code": code_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "settings": {"quick": args.quick, "size": size, "steps": steps, "counts": counts},
+        "rows": [],
+    }
+    for stage in args.stage.split(","):
+        result["rows"] += run(stage.strip(), counts, size, steps, repeats=2 if args.quick else 3)
+        write_atomic(args.out, json.dumps(result, indent=1) + "\n")
+        write_atomic(os.path.splitext(args.out)[0] + ".md", render(result))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
