@@ -62,6 +62,7 @@ __all__ = [
     "register_greedy",
     "register_bspline",
     "register",
+    "normalize_intensity",
 ]
 
 
@@ -281,6 +282,23 @@ def _check_landmarks(landmarks, ndim: int):
     if fixed_points.shape != moving_points.shape:
         raise ValueError(f"fixed and moving landmarks differ in count: {fixed_points.shape} vs {moving_points.shape}")
     return fixed_points, moving_points
+
+
+def normalize_intensity(image: Image, *, low: float = 0.5, high: float = 99.5) -> Image:
+    """Map the ``low``..``high`` percentiles of ``image`` to 0..1, clipping beyond (ANTs
+    winsorizes and rescales the same way before registering).
+
+    LNCC, NCC and MI regularise with absolute constants (``eps``, histogram ranges); on a
+    scanner's raw scale (thousands) LNCC otherwise fits background noise.
+    """
+    return Image(_rescaled(jnp.asarray(image.data, jnp.float32), low, high), image.affine)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _rescaled(data, low: float, high: float):
+    lo, hi = jnp.percentile(data, jnp.asarray([low, high]))
+    span = jnp.where(hi > lo, hi - lo, 1.0)
+    return jnp.clip((data - lo) / span, 0.0, 1.0)
 
 
 def _centre(grid: Grid):
@@ -726,13 +744,14 @@ DEFORMABLE_STAGES = {
 #: Named option sets for :func:`register`. Each maps to its ``affine``, ``deformable``,
 #: ``similarity`` and per-stage options; explicit arguments override them.
 PRESETS: dict[str, dict] = {
-    # Same-modality brain MRI, skull-stripped: affine by NCC, then greedy LNCC, which
-    # matched ANTs SyN's Dice on OASIS at a fraction of the time (benchmarks/pairwise.py).
+    # Same-modality brain MRI, skull-stripped: affine by NCC, then greedy LNCC. Like
+    # ANTsPy's SyN it stops at half resolution; measured against it on OASIS in
+    # benchmarks/results/pairwise.md.
     "brain-mri": dict(
         affine="affine",
         deformable="greedy",
         affine_options=dict(similarity_loss="ncc", shrink=(4, 2), steps=(100, 50)),
-        deformable_options=dict(similarity_loss="lncc", shrink=(4, 2), steps=(100, 30)),
+        deformable_options=dict(similarity_loss="lncc", shrink=(4, 2), steps=(100, 40)),
     ),
     # The same, coarser and shorter: a first look in seconds.
     "fast": dict(
@@ -784,6 +803,7 @@ def register(
     steps=None,
     fixed_mask=None,
     landmarks=None,
+    normalize: bool = True,
     progress: Callable | None = None,
     affine_options: dict | None = None,
     deformable_options: dict | None = None,
@@ -796,10 +816,15 @@ def register(
     :data:`jaxreg.losses.SIMILARITIES` or a callable), ``regularization``, ``shrink`` and
     ``steps`` override the deformable stage's settings (the affine stage's when there is
     no deformable one). ``*_options`` go to the stage functions last. ``progress(stage,
-    done, total)`` is called after each pyramid level. The transform maps fixed world
-    points to moving ones; ``result.warped`` is ``moving`` on the fixed grid.
+    done, total)`` is called after each pyramid level. With ``normalize`` (default) both
+    images are registered after :func:`normalize_intensity`. The transform maps fixed
+    world points to moving ones; ``result.warped`` is ``moving`` (as given) on the fixed
+    grid.
     """
     fixed, moving = _check_pair(fixed, moving)
+    original_moving = moving
+    if normalize:
+        fixed, moving = normalize_intensity(fixed), normalize_intensity(moving)
     preset_name = "brain-mri" if preset is None else preset
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
@@ -854,5 +879,5 @@ def register(
         transform = compose(transform, dense)
         losses += dense_losses
         stages += tuple(f"{deformable}@{f}" for f in _check_shrink(dense_options.get("shrink", (4, 2, 1))))
-    warped = warp(moving, transform, fixed.grid)
+    warped = warp(original_moving, transform, fixed.grid)
     return Result(transform, inverse, warped, losses, stages, **clock.result_fields())

@@ -13,6 +13,7 @@ from jaxreg.registration import (
     _steps_for,
     cap_step,
     minimize,
+    normalize_intensity,
     register,
     register_affine,
     register_bspline,
@@ -252,3 +253,19 @@ def test_rigid_preset_has_no_deformable_stage():
     result = register(fixed, fixed, preset="rigid", shrink=(1,), steps=(5,))
     assert result.stages == ("rigid@1",)
     assert isinstance(result.transform, Affine)
+
+
+def test_register_is_blind_to_the_intensity_scale_and_normalize_intensity_matches_numpy():
+    fixed, _, moving, _ = _warped_pair(18, shape=(32, 32))
+    scaled = lambda image: Image(3000.0 * image.data + 100.0, image.affine)
+    options = dict(preset="fast", shrink=(2, 1), steps=(20, 10), affine_options=dict(steps=(10,)))
+    plain = register(fixed, moving, **options)
+    raw = register(scaled(fixed), scaled(moving), **options)
+    points = fixed.grid.points()
+    np.testing.assert_allclose(raw.transform(points), plain.transform(points), atol=0.05)
+    # warped is the moving image as given, on its own scale
+    inner = (slice(6, -6), slice(6, -6))
+    np.testing.assert_allclose(raw.warped.data[inner], 3000.0 * plain.warped.data[inner] + 100.0, rtol=1e-3, atol=5.0)
+    data = np.asarray(moving.data)
+    lo, hi = np.percentile(data, [0.5, 99.5])
+    np.testing.assert_allclose(normalize_intensity(moving).data, np.clip((data - lo) / (hi - lo), 0, 1), atol=1e-5)
