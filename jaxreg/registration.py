@@ -116,15 +116,22 @@ def minimize(
     ``tolerance`` the loop stops once the best energy of the last ``window`` steps beats
     the best before them by less than ``tolerance`` (relative); the rest of ``history`` is
     NaN. ``apply(params, updates)`` replaces ``optax.apply_updates`` (a compositive update,
-    say). One ``lax.scan`` (or ``lax.while_loop``): jit the caller to compile it whole.
+    say). Optimizers that take extra arguments (``optax.lbfgs``, with its line search) get
+    ``value``, ``grad`` and ``value_fn=energy``. One ``lax.scan`` (or ``lax.while_loop``): jit the caller to compile it whole.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0; got {steps}")
     apply = optax.apply_updates if apply is None else apply
 
+    # Line-search optimizers (optax.lbfgs) take the energy itself as an extra argument.
+    extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+
     def step(params, state):
         value, grad = jax.value_and_grad(energy)(params)
-        updates, state = optimizer.update(grad, state, params)
+        if extra_args:
+            updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=energy)
+        else:
+            updates, state = optimizer.update(grad, state, params)
         return apply(params, updates), state, value
 
     if tolerance is None:
@@ -781,6 +788,24 @@ PRESETS: dict[str, dict] = {
 _UNSET = object()
 
 
+_MIN_COARSE_VOXELS = 16
+
+
+def _fit_to_image(options: dict, shape) -> dict:
+    """Drop a preset's pyramid levels that would leave fewer than 16 voxels along an
+    axis (a 32^3 image at shrink 4 is 8^3: too coarse for a dense field to mean
+    anything), with their steps; the finest level always stays."""
+    if "shrink" not in options:
+        return options
+    shrink = _check_shrink(options["shrink"])
+    steps = _per_level(options.get("steps", 0), len(shrink), name="steps")
+    keep = [i for i, f in enumerate(shrink) if min(shape) / f >= _MIN_COARSE_VOXELS] or [len(shrink) - 1]
+    fitted = dict(options, shrink=tuple(shrink[i] for i in keep))
+    if "steps" in options:
+        fitted["steps"] = tuple(steps[i] for i in keep)
+    return fitted
+
+
 def _steps_for(shrink, preset_shrink, preset_steps) -> tuple:
     """Steps for new shrink factors from a preset's: the preset's count at the same
     factor, else at the nearest one."""
@@ -815,7 +840,8 @@ def register(
     ``"greedy"``, ``"bspline"`` or None) choose the stages, and ``similarity`` (a name of
     :data:`jaxreg.losses.SIMILARITIES` or a callable), ``regularization``, ``shrink`` and
     ``steps`` override the deformable stage's settings (the affine stage's when there is
-    no deformable one). ``*_options`` go to the stage functions last. ``progress(stage,
+    no deformable one). A preset's pyramid levels coarser than 16 voxels along an axis
+    are dropped for small images. ``*_options`` go to the stage functions last. ``progress(stage,
     done, total)`` is called after each pyramid level. With ``normalize`` (default) both
     images are registered after :func:`normalize_intensity`. The transform maps fixed
     world points to moving ones; ``result.warped`` is ``moving`` (as given) on the fixed
@@ -838,8 +864,8 @@ def register(
     if affine is None and deformable is None:
         raise ValueError("nothing to do: both affine and deformable are None")
 
-    linear_options = dict(chosen.get("affine_options", {}))
-    dense_options = dict(chosen.get("deformable_options", {})) if deformable is not None else {}
+    linear_options = _fit_to_image(dict(chosen.get("affine_options", {})), fixed.shape)
+    dense_options = _fit_to_image(dict(chosen.get("deformable_options", {})), fixed.shape) if deformable is not None else {}
     if deformable is not None and chosen.get("deformable") != deformable:
         # A different stage than the preset's: keep only the settings every stage shares.
         dense_options = {k: v for k, v in dense_options.items() if k in ("similarity_loss", "shrink", "steps")}

@@ -442,8 +442,10 @@ def report(fixed, moving, warped, transform, path=None, *, overwrite: bool = Fal
     for row, view in zip(axes, views):
         where = _Slice(grid, view)
         label = where.label()
-        overlay(f, m, view=view, ax=row[0], title=f"before {label}".strip())
-        overlay(f, w, view=view, ax=row[1], title=f"after {label}".strip())
+        # Images, not arrays: the overlay picks its slice and orientation from the grid,
+        # as the other columns do.
+        overlay(Image(f, grid.affine), Image(m, grid.affine), view=view, ax=row[0], title=f"before {label}".strip())
+        overlay(Image(f, grid.affine), Image(w, grid.affine), view=view, ax=row[1], title=f"after {label}".strip())
         where.show(row[2], where.take(board), cmap="gray", vmin=0, vmax=1)
         row[2].set_title(f"checkerboard fixed/warped {label}".strip(), fontsize=9)
         deformed_grid(sampled, grid, row[3], view=view, background=w, title=f"deformed grid {label}".strip())
