@@ -46,6 +46,7 @@ __all__ = [
     "ras_to_lps_vectors",
     "save",
     "squeeze",
+    "write_atomically",
     "write_bytes",
 ]
 
@@ -211,18 +212,35 @@ def save(
     if not 1 <= ndim <= 3:
         raise ValueError(f"cannot write {path}: {ndim}-D images do not fit NIfTI/MGH (at most 3-D)")
 
-    # The temporary file carries the real extension: nibabel picks compression from it.
-    ext = next(e for e in sorted(_SAVE_EXTENSIONS, key=len, reverse=True) if path.name.lower().endswith(e))
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{ext}")
-    # 0o666 under the umask gives the permissions an ordinary open() would have given.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    def write(tmp):
         if fmt == _NIFTI:
             _write_nifti(data, affine, tmp)
         elif fmt == _MGH:
             _write_mgh(data, affine, tmp)
         else:
             _write_metaimage(data, affine, tmp)
+
+    # The temporary file carries the real extension: nibabel picks compression from it.
+    ext = next(e for e in sorted(_SAVE_EXTENSIONS, key=len, reverse=True) if path.name.lower().endswith(e))
+    return write_atomically(path, write, overwrite=overwrite, suffix=ext)
+
+
+def write_atomically(path: PathLike, write, *, overwrite: bool = False, suffix: str = "") -> Path:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then put it in place.
+
+    Readers never see a partial file: an interrupted or failed ``write`` leaves nothing
+    under ``path`` and removes the temporary file. An existing ``path`` raises
+    FileExistsError unless ``overwrite=True``. ``suffix`` ends the temporary name (writers
+    such as nibabel choose compression from the extension).
+    """
+    path = Path(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(17, "file exists (pass overwrite=True to replace it)", os.fspath(path))
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}")
+    # 0o666 under the umask gives the permissions an ordinary open() would have given.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(tmp)
         _publish(tmp, path, overwrite=overwrite)
     except BaseException:
         try:
@@ -234,28 +252,8 @@ def save(
 
 
 def write_bytes(path: PathLike, payload: bytes, *, overwrite: bool = False) -> Path:
-    """Write ``payload`` to ``path`` atomically, with :func:`save`'s overwrite rule.
-
-    The bytes go to a temporary file in the same directory that is then put in place, so
-    readers never see a partial file. An existing ``path`` raises FileExistsError unless
-    ``overwrite=True``.
-    """
-    path = Path(path)
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(17, "file exists (pass overwrite=True to replace it)", os.fspath(path))
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        _publish(tmp, path, overwrite=overwrite)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write ``payload`` to ``path`` atomically, with :func:`save`'s overwrite rule."""
+    return write_atomically(path, lambda tmp: Path(tmp).write_bytes(payload), overwrite=overwrite)
 
 
 def squeeze(image: Image) -> Image:

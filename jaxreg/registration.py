@@ -461,16 +461,11 @@ def register_affine(
         fixed,
         moving,
         name=kind,
-        shrink=shrink,
-        steps=steps,
-        fixed_mask=fixed_mask,
         context=context,
         initial_params=lambda p, g0, g: jnp.zeros(count, jnp.float32) if p is None else p,
         energy=energy,
         optimizer=optimizer,
-        tolerance=tolerance,
-        clock=_clock,
-        progress=progress,
+        **_level_options(shrink, steps, fixed_mask, tolerance, _clock, progress),
     )
     return to_affine(params, base), losses
 
@@ -481,6 +476,11 @@ def _dense_stage_common(fixed, moving, fixed_mask, landmarks, similarity_loss, o
     similarity_loss = _similarity(similarity_loss, similarity.lncc(radius=2))
     optimizer = optax.chain(optax.adam(learning_rate) if optimizer is None else optimizer, smooth_updates(smoothing))
     return fixed, moving, fixed_mask, _check_landmarks(landmarks, fixed.ndim), similarity_loss, optimizer
+
+
+def _level_options(shrink, steps, fixed_mask, tolerance, clock, progress) -> dict:
+    """The settings every stage hands to :func:`_pyramid_stage` unchanged."""
+    return dict(shrink=shrink, steps=steps, fixed_mask=fixed_mask, tolerance=tolerance, clock=clock, progress=progress)
 
 
 def register_svf(
@@ -509,12 +509,14 @@ def register_svf(
     The energy is ``similarity(moving o initial o exp(v), fixed) + regularization *
     diffusion(v)`` (``initial``, e.g. an affine, maps fixed to moving world space first).
     The optimizer (default ``optax.adam(learning_rate)``, in mm per step) is followed by
-    Gaussian smoothing of its updates by ``smoothing`` voxels. Returns ``(Velocity,
-    losses)``; ``exp(-v)`` is its exact inverse.
+    Gaussian smoothing of its updates by ``smoothing`` voxels. The gradient reaches ``v``
+    as if ``exp`` were the identity unless ``exact_gradient`` (see :func:`_exp`). Returns
+    ``(Velocity, losses)``; ``exp(-v)`` is its exact inverse.
     """
     fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer = _dense_stage_common(
         fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer, learning_rate, smoothing
     )
+    level_options = _level_options(shrink, steps, fixed_mask, tolerance, _clock, progress)
     diffusion = regularizers.diffusion()
 
     def energy(v, fixed_level, moving_level, mask, context):
@@ -524,19 +526,8 @@ def register_svf(
         return value + landmark_weight * _landmark_term(transform, context)
 
     field, losses, grid = _pyramid_stage(
-        fixed,
-        moving,
-        name="svf",
-        shrink=shrink,
-        steps=steps,
-        fixed_mask=fixed_mask,
-        context=_Context(initial, landmarks),
-        initial_params=_dense_initial,
-        energy=energy,
-        optimizer=optimizer,
-        tolerance=tolerance,
-        clock=_clock,
-        progress=progress,
+        fixed, moving, name="svf", context=_Context(initial, landmarks), initial_params=_dense_initial,
+        energy=energy, optimizer=optimizer, **level_options,
     )
     return Velocity(field, grid.affine, steps=squarings), losses
 
@@ -574,6 +565,7 @@ def register_syn(
     fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer = _dense_stage_common(
         fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer, learning_rate, smoothing
     )
+    level_options = _level_options(shrink, steps, fixed_mask, tolerance, _clock, progress)
     diffusion = regularizers.diffusion()
 
     def energy(v, fixed_level, moving_level, mask, context):
@@ -590,19 +582,8 @@ def register_syn(
         return value
 
     field, losses, grid = _pyramid_stage(
-        fixed,
-        moving,
-        name="syn",
-        shrink=shrink,
-        steps=steps,
-        fixed_mask=fixed_mask,
-        context=_Context(initial, landmarks),
-        initial_params=_dense_initial,
-        energy=energy,
-        optimizer=optimizer,
-        tolerance=tolerance,
-        clock=_clock,
-        progress=progress,
+        fixed, moving, name="syn", context=_Context(initial, landmarks), initial_params=_dense_initial,
+        energy=energy, optimizer=optimizer, **level_options,
     )
     return Velocity(field, grid.affine, steps=squarings), losses
 
@@ -639,6 +620,7 @@ def register_greedy(
     fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer = _dense_stage_common(
         fixed, moving, fixed_mask, landmarks, similarity_loss, optimizer, learning_rate, smoothing
     )
+    level_options = _level_options(shrink, steps, fixed_mask, tolerance, _clock, progress)
     _checks.check_nonnegative(field_smoothing, name="field_smoothing")
     diffusion = regularizers.diffusion()
 
@@ -662,20 +644,8 @@ def register_greedy(
         return apply
 
     field, losses, grid = _pyramid_stage(
-        fixed,
-        moving,
-        name="greedy",
-        shrink=shrink,
-        steps=steps,
-        fixed_mask=fixed_mask,
-        context=_Context(initial, landmarks),
-        initial_params=_dense_initial,
-        energy=energy,
-        optimizer=optimizer,
-        apply=compositive,
-        tolerance=tolerance,
-        clock=_clock,
-        progress=progress,
+        fixed, moving, name="greedy", context=_Context(initial, landmarks), initial_params=_dense_initial,
+        energy=energy, optimizer=optimizer, apply=compositive, **level_options,
     )
     return Displacement(field, grid.affine), losses
 
@@ -725,16 +695,11 @@ def register_bspline(
         fixed,
         moving,
         name="bspline",
-        shrink=shrink,
-        steps=steps,
-        fixed_mask=fixed_mask,
         context=_Context(initial, _check_landmarks(landmarks, fixed.ndim)),
         initial_params=lambda p, g0, g: jnp.zeros(control.shape + (fixed.ndim,), jnp.float32) if p is None else p,
         energy=energy,
         optimizer=optimizer,
-        tolerance=tolerance,
-        clock=_clock,
-        progress=progress,
+        **_level_options(shrink, steps, fixed_mask, tolerance, _clock, progress),
     )
     return BSpline(coefficients, control.affine), losses
 

@@ -24,8 +24,6 @@ Every drawing function takes ``ax=`` to draw into an existing axes and returns t
 from __future__ import annotations
 
 import itertools
-import os
-import secrets
 from pathlib import Path
 from typing import Sequence
 
@@ -467,22 +465,12 @@ def save_figure(fig, path, overwrite: bool = False, *, dpi=None) -> Path:
     its name, so the file appears complete or not at all. An existing ``path`` raises
     FileExistsError unless ``overwrite=True``.
     """
-    from jaxreg.io import _publish
+    from jaxreg.io import write_atomically
 
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if not fmt:
         raise ValueError(f"cannot save a figure to {path}: no extension to choose a format (e.g. .png)")
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(17, "file exists (pass overwrite=True to replace it)", os.fspath(path))
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        fig.savefig(tmp, format=fmt, dpi=dpi if dpi is not None else "figure")
-        _publish(tmp, path, overwrite=overwrite)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return write_atomically(
+        path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi if dpi is not None else "figure"), overwrite=overwrite
+    )
