@@ -110,13 +110,14 @@ def _correlate_axis(x, weights: np.ndarray, axis: int, mode: str):
     return out
 
 
-# Above this many taps, or for channels-last fields, each axis pass is a product with an
-# (n, n) banded matrix instead of a sum of shifted copies. XLA CPU fuses shifted sums
-# with their producer and recomputes it per tap (smoothing a freshly composed 80x96x112x3
-# field: 811 ms shifted, 205 ms as products), and strides over a short channel axis
-# badly; a product is never fused and costs the same for any sigma. Shifted sums stay
-# faster for scalar volumes and short kernels (160x192x224, sigma 1: 197 vs 343 ms).
-_MATMUL_MIN_TAPS = 15
+# For channels-last fields, or kernels of this many taps (sigma >= 5), each axis pass is
+# a product with an (n, n) banded matrix instead of a sum of shifted copies. XLA CPU
+# fuses shifted sums with their producer and recomputes it per tap (smoothing a freshly
+# composed 80x96x112x3 field: 811 ms shifted, 205 ms as products), and strides over a
+# short channel axis badly; a product is never fused and costs the same for any sigma.
+# Shifted sums stay faster for scalar volumes and moderate kernels (160x192x224,
+# sigma 1: 197 vs 343 ms; sigma 2: 125 ms shifted).
+_MATMUL_MIN_TAPS = 41
 
 
 @functools.lru_cache(maxsize=128)
