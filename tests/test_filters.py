@@ -49,10 +49,12 @@ def test_gaussian_smooth_matches_scipy(mode, shape):
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
 
 
-def test_gaussian_smooth_channels_last_leaves_channels_alone():
+@pytest.mark.parametrize("mode", ["nearest", "reflect", "mirror", "wrap", "constant"])
+def test_gaussian_smooth_channels_last_leaves_channels_alone(mode):
+    # channels-last fields take the banded-matrix path: every boundary mode must match too
     x = _random((12, 10, 8, 3))
-    out = filters.gaussian_smooth(x, (1.0, 2.0, 0.5), ndim=3, truncate=3.0)
-    ref = ndi.gaussian_filter(x.astype(np.float64), (1.0, 2.0, 0.5, 0.0), truncate=3.0, mode="nearest")
+    out = filters.gaussian_smooth(x, (1.0, 2.0, 0.5), ndim=3, truncate=3.0, mode=mode)
+    ref = ndi.gaussian_filter(x.astype(np.float64), (1.0, 2.0, 0.5, 0.0), truncate=3.0, mode=mode)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
 
 
