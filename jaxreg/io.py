@@ -84,6 +84,18 @@ class ImageReadError(ValueError):
 # -- LPS <-> RAS ------------------------------------------------------------------------
 
 
+def _negate_x_and_y(values, length: int, *, axis: int):
+    """``values`` with entries 0 and 1 along ``axis`` (of ``length``) negated: the one
+    difference between LPS and RAS. Numpy in, numpy out (jax arrays stay jax)."""
+    flip = np.ones(length, dtype=np.float32)
+    flip[:2] = -1.0
+    out = values * (flip[:, None] if axis == 0 else flip)
+    if isinstance(values, np.ndarray):
+        # + 0.0 turns the -0.0 that negated zeros become back into 0.0, for tidy printing.
+        return (out + 0.0).astype(values.dtype)
+    return out
+
+
 def lps_to_ras_affine(affine):
     """Voxel-to-world matrix in LPS (ITK, ANTs, MetaImage) -> the same one in RAS (nibabel).
 
@@ -94,13 +106,7 @@ def lps_to_ras_affine(affine):
     shape = np.shape(affine)
     if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 3:
         raise ValueError(f"expected a (d+1, d+1) matrix with d >= 2; got shape {shape}")
-    flip = np.ones((shape[0], 1), dtype=np.float32)
-    flip[:2] = -1.0
-    out = affine * flip
-    if isinstance(affine, np.ndarray):
-        # + 0.0 turns the -0.0 that negated zeros become back into 0.0, for tidy printing.
-        return (out + 0.0).astype(affine.dtype)
-    return out
+    return _negate_x_and_y(affine, shape[0], axis=0)
 
 
 def ras_to_lps_affine(affine):
@@ -131,12 +137,7 @@ def lps_to_ras_vectors(vectors):
     shape = np.shape(vectors)
     if len(shape) < 1 or shape[-1] < 2:
         raise ValueError(f"expected vectors (..., d) with d >= 2; got shape {shape}")
-    flip = np.ones(shape[-1], dtype=np.float32)
-    flip[:2] = -1.0
-    out = vectors * flip
-    if isinstance(vectors, np.ndarray):
-        return (out + 0.0).astype(vectors.dtype)
-    return out
+    return _negate_x_and_y(vectors, shape[-1], axis=-1)
 
 
 def ras_to_lps_vectors(vectors):
