@@ -204,17 +204,18 @@ def cap_step(max_norm: float) -> optax.GradientTransformation:
 
 
 class _Clock:
-    """Compile and run seconds summed over the levels that ran eagerly."""
+    """What the pyramid levels report to :func:`register`: each level's name, and the
+    compile and run seconds summed over the levels that ran eagerly."""
 
     def __init__(self):
+        self.stages: list[str] = []
         self.compile_seconds = 0.0
         self.run_seconds = 0.0
         self.traced = False
 
     def result_fields(self) -> dict:
-        if self.traced:
-            return {"compile_seconds": None, "run_seconds": None}
-        return {"compile_seconds": self.compile_seconds, "run_seconds": self.run_seconds}
+        timings = (None, None) if self.traced else (self.compile_seconds, self.run_seconds)
+        return dict(stages=tuple(self.stages), compile_seconds=timings[0], run_seconds=timings[1])
 
 
 def _run_level(fn: Callable, args: tuple, clock: _Clock | None):
@@ -389,6 +390,8 @@ def _pyramid_stage(
 
         params, history = _run_level(run, (params, fixed_level, moving_level, mask_level, context), clock)
         histories.append(history)
+        if clock is not None:
+            clock.stages.append(f"{name}@{factor}")
         if progress is not None:
             progress(name, level + 1, len(shrink))
     return params, tuple(histories), previous_grid
@@ -862,14 +865,12 @@ def register(
     clock = _Clock()
     common = dict(fixed_mask=fixed_mask, landmarks=landmarks, progress=progress, _clock=clock)
     losses: tuple = ()
-    stages: tuple = ()
     transform: Transform = Affine.identity(fixed.ndim)
     inverse: Transform | None = transform
     if affine is not None:
         transform, affine_losses = register_affine(fixed, moving, kind=affine, **common, **linear_options)
         inverse = transform.inverse()
         losses += affine_losses
-        stages += tuple(f"{affine}@{f}" for f in _check_shrink(linear_options.get("shrink", (4, 2, 1))))
     if deformable is not None:
         stage = DEFORMABLE_STAGES[deformable]
         dense, dense_losses = stage(fixed, moving, initial=transform, **common, **dense_options)
@@ -880,6 +881,5 @@ def register(
         inverse = compose(dense_inverse, inverse)
         transform = compose(transform, dense)
         losses += dense_losses
-        stages += tuple(f"{deformable}@{f}" for f in _check_shrink(dense_options.get("shrink", (4, 2, 1))))
     warped = _warp_compiled(original_moving, transform, fixed.grid)
-    return Result(transform, inverse, warped, losses, stages, **clock.result_fields())
+    return Result(transform, inverse, warped, losses, **clock.result_fields())
