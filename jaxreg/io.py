@@ -161,10 +161,7 @@ def load(path: PathLike, *, dtype=None, squeeze: bool = False) -> Image:
     """
     path = Path(path)
     fmt = _format_of(path, _EXTENSIONS, action="read")
-    if not path.exists():
-        raise FileNotFoundError(2, "no such image file", os.fspath(path))
-    if path.is_dir():
-        raise IsADirectoryError(21, "expected an image file, got a directory", os.fspath(path))
+    _check_file(path, "image")
     if fmt == _META:
         data, affine = _read_metaimage(path)
     else:
@@ -317,13 +314,31 @@ def check_image(image, *, name: str = "image"):
 # -- helpers ----------------------------------------------------------------------------
 
 
-def _format_of(path: Path, extensions, *, action: str) -> str:
-    name = path.name.lower()
+def _matching_extension(path: Path, extensions, *, action: str, kind: str = "") -> str:
+    """The one of ``extensions`` that ``path`` ends with (longest first: ``.nii.gz``
+    before ``.gz``), or a ValueError naming the action and the choices."""
+    name = Path(path).name.lower()
     for ext in sorted(extensions, key=len, reverse=True):
         if name.endswith(ext):
-            return _EXTENSIONS[ext]
+            return ext
     known = ", ".join(sorted(extensions))
-    raise ValueError(f"cannot {action} {path}: unknown image extension (expected one of {known})")
+    raise ValueError(f"cannot {action} {path}: unknown {kind}extension (expected one of {known})")
+
+
+def _format_of(path: Path, extensions, *, action: str) -> str:
+    return _EXTENSIONS[_matching_extension(path, extensions, action=action, kind="image ")]
+
+
+def _check_file(path: Path, what: str):
+    """FileNotFoundError / IsADirectoryError naming ``path`` before any reader sees it."""
+    if not path.exists():
+        raise FileNotFoundError(2, f"no such {what} file", os.fspath(path))
+    if path.is_dir():
+        raise IsADirectoryError(21, f"expected {_article(what)} {what} file, got a directory", os.fspath(path))
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _same_file(a: PathLike, b: PathLike) -> bool:

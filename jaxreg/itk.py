@@ -95,7 +95,7 @@ def write_affine(affine: Affine, path: PathLike, *, overwrite: bool = False, cen
     ``overwrite=True``.
     """
     path = Path(path)
-    ext = _extension(path, _AFFINE_EXTENSIONS, action="write an affine to")
+    ext = io._matching_extension(path, _AFFINE_EXTENSIONS, action="write an affine to")
     if not isinstance(affine, Affine):
         raise TypeError(f"write_affine takes an Affine; got {type(affine).__name__}")
     matrix = np.asarray(affine.matrix, dtype=np.float64)
@@ -132,7 +132,7 @@ def read_affine(path: PathLike) -> Affine:
     that cannot be read or holds a transform that is not linear.
     """
     path = Path(path)
-    ext = _extension(path, _AFFINE_EXTENSIONS, action="read an affine from")
+    ext = io._matching_extension(path, _AFFINE_EXTENSIONS, action="read an affine from")
     raw = _read_small(path)
     if ext in _MAT:
         entries = _parse_mat_transforms(path, raw)
@@ -161,7 +161,7 @@ def write_displacement_field(transform: Transform, grid: Grid, path: PathLike, *
     an existing ``path`` raises FileExistsError unless ``overwrite=True``.
     """
     path = Path(path)
-    _extension(path, _FIELD_WRITE, action="write a displacement field to")
+    io._matching_extension(path, _FIELD_WRITE, action="write a displacement field to")
     grid = grid.grid if isinstance(grid, Image) else grid
     if grid.ndim not in (2, 3) or transform.ndim != grid.ndim:
         raise ValueError(f"need a 2-D or 3-D transform and grid of the same rank; got {transform.ndim}-D and {grid.ndim}-D")
@@ -178,7 +178,7 @@ def read_displacement_field(path: PathLike) -> Displacement:
     would use zero, which matters only for points outside the field's grid.
     """
     path = Path(path)
-    _extension(path, _FIELD_READ, action="read a displacement field from")
+    io._matching_extension(path, _FIELD_READ, action="read a displacement field from")
     image = io.load(path)
     if image.has_channels and image.data.shape[-1] == 2 and image.ndim == 3:
         if image.data.shape[2] != 1:
@@ -320,19 +320,8 @@ def _is_affine_file(path: Path) -> bool:
     return path.name.lower().endswith(_AFFINE_EXTENSIONS)
 
 
-def _extension(path: Path, extensions, *, action: str) -> str:
-    name = path.name.lower()
-    for ext in sorted(extensions, key=len, reverse=True):
-        if name.endswith(ext):
-            return ext
-    raise ValueError(f"cannot {action} {path}: unknown extension (expected one of {', '.join(extensions)})")
-
-
 def _read_small(path: Path) -> bytes:
-    if not path.exists():
-        raise FileNotFoundError(2, "no such transform file", os.fspath(path))
-    if path.is_dir():
-        raise IsADirectoryError(21, "expected a transform file, got a directory", os.fspath(path))
+    io._check_file(path, "transform")
     if path.stat().st_size > _MAX_TRANSFORM_FILE:
         raise TransformReadError(path, f"{path.stat().st_size} bytes is too large for a linear transform file")
     return path.read_bytes()

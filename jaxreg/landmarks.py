@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxreg.grid import Grid, Image
+from jaxreg.io import _check_file
 
 __all__ = ["FORMATS", "LandmarkError", "read_points"]
 
@@ -48,10 +49,7 @@ class LandmarkError(ValueError):
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
-    if not path.exists():
-        raise FileNotFoundError(2, "no such landmark file", os.fspath(path))
-    if path.is_dir():
-        raise IsADirectoryError(21, "expected a landmark file, got a directory", os.fspath(path))
+    _check_file(path, "landmark")
     if path.stat().st_size > _MAX_BYTES:
         raise LandmarkError(path, f"file is larger than {_MAX_BYTES >> 20} MiB")
     try:
