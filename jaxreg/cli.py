@@ -41,11 +41,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import json
 import math
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -141,13 +139,6 @@ def _label_list(text: str) -> tuple[int, ...]:
     return _int_list(text, name="--labels", minimum=-(2**31))
 
 
-def _same_file(a, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
 def _extension(path) -> str:
     name = Path(path).name.lower()
     for ext in _IMAGE_EXTENSIONS:
@@ -183,20 +174,12 @@ def _json_value(x):
 
 
 def _write_text(path: Path, text: str, *, overwrite: bool):
-    """Atomic text write: temp file in the same folder, then published under the name."""
-    from jaxreg.io import _publish
+    """Atomic text write (:func:`jaxreg.io.write_atomically`); an existing file is a usage error."""
+    from jaxreg.io import write_atomically
 
     if not overwrite and os.path.lexists(path):
         raise UsageError(f"{path} exists (pass --overwrite to replace it)")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        _publish(tmp, path, overwrite=overwrite)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
 def _write_json(path: Path, data: dict, *, overwrite: bool):
@@ -315,6 +298,8 @@ def _grid_from_record(record):
 def _check_out_dir(out: Path, inputs: Sequence, *, overwrite: bool):
     """The output folder may not be an input, nor an existing non-empty folder unless
     ``overwrite``; usage errors."""
+    from jaxreg.io import _same_file
+
     for path in inputs:
         if path is not None and os.path.lexists(out) and _same_file(out, path):
             raise UsageError(f"--out {out} is the input file {path}")
@@ -325,6 +310,8 @@ def _check_out_dir(out: Path, inputs: Sequence, *, overwrite: bool):
 
 
 def _check_not_input(path: Path, inputs: Sequence):
+    from jaxreg.io import _same_file
+
     for other in inputs:
         if other is not None and os.path.lexists(path) and _same_file(path, other):
             raise UsageError(f"refusing to write {path}: it is the input file {other}")
@@ -384,9 +371,8 @@ def _register_options(args) -> dict:
 
     options: dict = {}
     if args.preset is not None:
-        presets = getattr(registration, "PRESETS", None)
-        if presets is not None and args.preset not in presets:
-            raise UsageError(f"unknown --preset {args.preset!r}; choose from {', '.join(sorted(presets))}")
+        if args.preset not in registration.PRESETS:
+            raise UsageError(f"unknown --preset {args.preset!r}; choose from {', '.join(sorted(registration.PRESETS))}")
         options["preset"] = args.preset
     if args.transform is not None:
         options["affine"], options["deformable"] = _parse_transform(args.transform)
@@ -411,20 +397,11 @@ def _register_options(args) -> dict:
 
 
 def _call_register(fixed, moving, options: dict, progress: Callable | None):
-    """registration.register with the options this version of it accepts."""
+    """registration.register, its bad-option errors as one-line command errors."""
     from jaxreg import registration
 
-    parameters = inspect.signature(registration.register).parameters
-    flags = {"preset": "--preset", "similarity": "--similarity", "regularization": "--regularization", "shrink": "--shrink",
-             "steps": "--steps", "fixed_mask": "--fixed-mask", "landmarks": "--fixed-landmarks"}
-    for key in options:
-        if key not in parameters:
-            raise UsageError(f"{flags.get(key, key)} is not supported by this version of jaxreg.registration.register")
-    kwargs = dict(options)
-    if progress is not None and "progress" in parameters:
-        kwargs["progress"] = progress
     try:
-        return registration.register(fixed, moving, **kwargs)
+        return registration.register(fixed, moving, progress=progress, **options)
     except (ValueError, TypeError) as err:
         raise CommandError(f"registration failed: {err}") from err
 
@@ -434,8 +411,7 @@ def _similarity_name(options: dict) -> str:
 
     if isinstance(options.get("similarity"), str):
         return options["similarity"]
-    presets = getattr(registration, "PRESETS", {})
-    preset = presets.get(options.get("preset") or "brain-mri", {})
+    preset = registration.PRESETS.get(options.get("preset") or "brain-mri", {})
     stage = "deformable_options" if options.get("deformable", preset.get("deformable")) else "affine_options"
     name = preset.get(stage, {}).get("similarity_loss")
     return name if isinstance(name, str) else "ncc"
@@ -459,6 +435,7 @@ def _register_pipeline(
     import jax
 
     import jaxreg
+    from jaxreg import itk
     from jaxreg import metrics as jmetrics
     from jaxreg.losses import SIMILARITIES
     from jaxreg.transforms import Affine, jacobian_determinant, warp
@@ -531,16 +508,15 @@ def _register_pipeline(
     determinant = np.asarray(determinant)
     similarity = {"name": name, "before": float(before), "after": float(after)}
     losses = [np.asarray(level, dtype=np.float64) for level in result.losses]
-    stages = list(getattr(result, "stages", ()) or [f"level{i}" for i in range(len(losses))])
     record = {
         "fixed": os.path.abspath(fixed_path),
         "moving": os.path.abspath(moving_path),
         "fixed_shape": list(fixed.image.shape),
         "moving_shape": list(moving.image.shape),
         "seconds": seconds,
-        "compile_seconds": getattr(result, "compile_seconds", None),
-        "run_seconds": getattr(result, "run_seconds", None),
-        "stages": stages,
+        "compile_seconds": result.compile_seconds,
+        "run_seconds": result.run_seconds,
+        "stages": list(result.stages),
         "losses": [level.tolist() for level in losses],
         "loss_first_last": [[level[0], level[np.isfinite(level)][-1] if np.isfinite(level).any() else np.nan] if len(level) else [] for level in losses],
         "similarity": similarity,
@@ -562,18 +538,12 @@ def _register_pipeline(
         written = [warped_name]
         _save_like(warped, fixed, staging.path / warped_name, protect=inputs[:2], overwrite=False)
         transform_record = {"format": "jaxreg-transforms/1", "transforms": [], "inverse": [], "whichtoinvert": []}
-        try:
-            from jaxreg import itk
-        except ImportError as err:
-            itk = None
-            _warn(f"transform files not written: jaxreg.itk is not available ({err})")
-        if itk is not None:
-            files = itk.write_transforms(result.transform, grid, staging.path, inverse=result.inverse)
-            relative = lambda paths: [os.path.relpath(p, staging.path) for p in paths]
-            transform_record["transforms"] = relative(files)
-            transform_record["inverse"] = relative(getattr(files, "inverse", []))
-            transform_record["whichtoinvert"] = list(getattr(files, "whichtoinvert", []))
-            written += sorted(set(transform_record["transforms"]) | set(transform_record["inverse"]))
+        files = itk.write_transforms(result.transform, grid, staging.path, inverse=result.inverse)
+        relative = lambda paths: [os.path.relpath(p, staging.path) for p in paths]
+        transform_record["transforms"] = relative(files)
+        transform_record["inverse"] = relative(files.inverse)
+        transform_record["whichtoinvert"] = list(files.whichtoinvert)
+        written += sorted(set(transform_record["transforms"]) | set(transform_record["inverse"]))
         transform_record.update(
             reference=warped_name,
             fixed=os.path.abspath(fixed_path),
@@ -643,7 +613,7 @@ def _read_transform_dir(directory: Path) -> dict:
     if not isinstance(record, dict) or not isinstance(record.get("transforms"), list):
         raise CommandError(f"{path} does not list transforms")
     if not record["transforms"]:
-        raise CommandError(f"{path} lists no transform files (was jaxreg.itk available when it was written?)")
+        raise CommandError(f"{path} lists no transform files")
     return record
 
 
