@@ -72,13 +72,21 @@ _MAX_DEFLATE_RATIO = 1032
 _SLACK = 1 << 16
 
 
-class ImageReadError(ValueError):
-    """A file exists but cannot be read as an image (truncated, corrupt, unsupported)."""
+class FileReadError(ValueError):
+    """A file exists but cannot be read as ``what`` it should be; names the file."""
+
+    what = "file"
 
     def __init__(self, path: PathLike, reason: str):
         self.path = os.fspath(path)
         self.reason = reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
+        super().__init__(f"cannot read {self.what} {self.path}: {reason}")
+
+
+class ImageReadError(FileReadError):
+    """A file exists but cannot be read as an image (truncated, corrupt, unsupported)."""
+
+    what = "image"
 
 
 # -- LPS <-> RAS ------------------------------------------------------------------------

@@ -59,13 +59,10 @@ _FIELD_READ = (".nii.gz", ".nii", ".mha", ".mhd")
 _MAX_TRANSFORM_FILE = 1 << 20
 
 
-class TransformReadError(ValueError):
+class TransformReadError(io.FileReadError):
     """A file exists but cannot be read as a transform (corrupt, unsupported type)."""
 
-    def __init__(self, path: PathLike, reason: str):
-        self.path = os.fspath(path)
-        self.reason = reason
-        super().__init__(f"cannot read transform {self.path}: {reason}")
+    what = "transform"
 
 
 class TransformFiles(list):
