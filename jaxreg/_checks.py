@@ -2,13 +2,15 @@
 
 Every check looks only at static information (shape, dtype, rank) so it works on
 tracers inside ``jit`` and ``vmap``. Value checks (NaN, constant images) cannot
-raise under ``jit``; those live in :func:`check_finite` for eager callers.
+raise under ``jit``; those live in :func:`check_finite` and :func:`check_image_values`
+for eager callers and do nothing on tracers.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -115,6 +117,32 @@ def check_finite(x, *, name: str):
     if values.size and not np.all(np.isfinite(values)):
         bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
         raise ValueError(f"{name} contains {bad} NaN or Inf values")
+
+
+def check_real(x, *, name: str):
+    """Refuse complex and non-numeric dtypes (trace time: only the dtype is looked at)."""
+    dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+    if dtype != np.bool_ and not np.issubdtype(dtype, np.integer) and not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"{name} must hold real numbers; got dtype {dtype}, shape {jnp.shape(x)}")
+
+
+def check_image_values(x, *, name: str, constant: bool = True):
+    """Eager: refuse NaN or Inf voxels and, with ``constant``, an image that is one value
+    everywhere (no similarity can see anything in it). Does nothing on tracers."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    values = np.asarray(x)
+    if values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.inexact):
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = int(values.size - np.count_nonzero(finite))
+            raise ValueError(f"{name} has {bad} NaN or Inf voxels out of {values.size}")
+    if constant:
+        first = values.flat[0]
+        if np.all(values == first):
+            raise ValueError(f"{name} is constant (every voxel is {first}); there is nothing to register")
 
 
 def normalize_axes(axes: Sequence[int] | None, ndim: int) -> tuple[int, ...]:

@@ -26,10 +26,12 @@ axes are dropped, so a ``(x, y, 1)`` NIfTI slice is registered as a 2-D image, a
 are written back with the reference file's own shape and matrix.
 
 Errors: a problem with the command line or the output location (bad option values,
-an existing output without ``--overwrite``, an output that is an input) prints
-``jaxreg: error: <message>`` and exits with 2; a problem found while running (unreadable or
-missing files, NaN images, rank mismatch, a failed registration) prints the same kind of
-line and exits with 1. ``--debug`` shows the traceback instead.
+an existing output without ``--overwrite``, an output that is an input, a folder without
+write permission) prints ``jaxreg: error: <message>`` and exits with 2, before any work; a
+problem found while running (unreadable or missing files, NaN images, rank mismatch, a
+failed registration) prints the same kind of line and exits with 1, and running out of
+memory (host ``MemoryError`` or XLA's ``RESOURCE_EXHAUSTED``) says so with what to try.
+``--debug`` shows the traceback instead.
 
 JAX's persistent compilation cache is on (``$JAXREG_CACHE_DIR``, default
 ``~/.cache/jaxreg/jax``), so a second run on same-shaped images skips most of the
@@ -307,6 +309,21 @@ def _check_out_dir(out: Path, inputs: Sequence, *, overwrite: bool):
         raise UsageError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"output folder {out} exists and is not empty (pass --overwrite to write into it)")
+    _check_writable(out)
+
+
+def _check_writable(folder: Path, target: Path | None = None):
+    """A usage error unless files can be made in ``folder``, or, where it does not exist
+    yet, in its nearest existing parent: found before any work, not when writing
+    ``target`` (default: the folder itself)."""
+    target = folder if target is None else target
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {target}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {target}: no write permission in {existing}")
 
 
 def _check_not_input(path: Path, inputs: Sequence):
@@ -649,6 +666,7 @@ def _cmd_apply(args) -> int:
     _check_not_input(out, inputs)
     if os.path.lexists(out) and not args.overwrite:
         raise UsageError(f"{out} exists (pass --overwrite to replace it)")
+    _check_writable(out.parent, out)
 
     record = None
     if len(sources) == 1 and sources[0].is_dir():
@@ -756,6 +774,7 @@ def _cmd_evaluate(args) -> int:
         _check_not_input(out, [p for p in inputs if p is not None])
         if os.path.lexists(out) and not args.overwrite:
             raise UsageError(f"{out} exists (pass --overwrite to replace it)")
+        _check_writable(out.parent, out)
 
     result: dict = {}
     fixed_labels = None
@@ -1014,10 +1033,30 @@ def _error_message(err: BaseException) -> str:
     return " ".join(text.split()) if "\n" not in text else text.splitlines()[0]
 
 
+def _out_of_memory(err: BaseException | None) -> BaseException | None:
+    """The MemoryError or XLA RESOURCE_EXHAUSTED error that ``err`` is or came from, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _out_of_memory_message(err: BaseException, command: str | None) -> str:
+    advice = "a device with more memory"
+    if command in ("register", "demo"):
+        advice = "a coarser pyramid that stops before full resolution (e.g. --shrink 4,2), or " + advice
+    detail = _error_message(err)[:200]
+    return f"out of memory ({detail}); try {advice}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``jaxreg`` command; returns the exit status (0, 1 runtime error, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    command = None
     try:
         parser = _parser()
         try:
@@ -1028,6 +1067,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         args.argv = [PROG, *argv]
+        command = args.command
         with _compilation_cache(not args.no_cache):
             return args.func(args)
     except KeyboardInterrupt:
@@ -1043,6 +1083,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 -- one line for the user; --debug for the rest
         if debug:
             raise
+        oom = _out_of_memory(err)
+        if oom is not None:
+            print(f"{PROG}: error: {_out_of_memory_message(oom, command)}", file=sys.stderr)
+            return 1
         known = isinstance(err, (CommandError, OSError, ValueError))
         hint = "" if known else f" ({type(err).__name__}; run with --debug for the traceback)"
         print(f"{PROG}: error: {_error_message(err)}{hint}", file=sys.stderr)

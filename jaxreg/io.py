@@ -24,6 +24,7 @@ as integers (values that are not whole numbers then raise rather than being trun
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import secrets
 import zlib
@@ -32,6 +33,7 @@ from typing import Iterable
 
 import numpy as np
 
+from jaxreg import _checks
 from jaxreg.grid import Image
 
 __all__ = [
@@ -244,7 +246,10 @@ def write_atomically(path: PathLike, write, *, overwrite: bool = False, suffix: 
         raise FileExistsError(17, "file exists (pass overwrite=True to replace it)", os.fspath(path))
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}")
     # 0o666 under the umask gives the permissions an ordinary open() would have given.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as err:  # name the file asked for, not the temporary one
+        raise type(err)(err.errno, f"cannot write here: {err.strerror}", os.fspath(path)) from None
     try:
         write(tmp)
         _publish(tmp, path, overwrite=overwrite)
@@ -304,14 +309,7 @@ def check_image(image, *, name: str = "image"):
         raise ValueError(f"{name} is empty; shape {data.shape}")
     if not np.issubdtype(data.dtype, np.number) and data.dtype != np.bool_:
         raise ValueError(f"{name} has non-numeric dtype {data.dtype}")
-    if np.issubdtype(data.dtype, np.inexact):
-        finite = np.isfinite(data)
-        if not finite.all():
-            bad = int(data.size - np.count_nonzero(finite))
-            raise ValueError(f"{name} has {bad} NaN or Inf voxels out of {data.size}")
-    first = data.flat[0]
-    if np.all(data == first):
-        raise ValueError(f"{name} is constant (every voxel is {first}); there is nothing to register")
+    _checks.check_image_values(data, name=name)
     if isinstance(image, Image):
         affine = np.asarray(image.affine, dtype=np.float64)
         if not np.all(np.isfinite(affine)) or np.linalg.det(affine) == 0:
@@ -338,11 +336,17 @@ def _format_of(path: Path, extensions, *, action: str) -> str:
 
 
 def _check_file(path: Path, what: str):
-    """FileNotFoundError / IsADirectoryError naming ``path`` before any reader sees it."""
+    """FileNotFoundError / IsADirectoryError / PermissionError naming ``path`` before any
+    reader sees it."""
     if not path.exists():
         raise FileNotFoundError(2, f"no such {what} file", os.fspath(path))
     if path.is_dir():
         raise IsADirectoryError(21, f"expected {_article(what)} {what} file, got a directory", os.fspath(path))
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise PermissionError(13, f"permission denied: cannot read this {what} file", os.fspath(path)) from None
 
 
 def _article(word: str) -> str:
@@ -451,6 +455,8 @@ def _read_nibabel(path: Path):
         shape = tuple(int(n) for n in proxy.shape)
         if any(n < 0 for n in shape):
             raise ImageReadError(path, f"negative size in header shape {shape}")
+        if any(n == 0 for n in shape):
+            raise ImageReadError(path, f"empty image: header shape {shape} has an axis of length 0")
         n_bytes = int(np.prod(shape, dtype=object)) * np.dtype(proxy.dtype).itemsize
         compressed = path.name.lower().endswith((".gz", ".mgz"))
         _check_size(path, n_bytes, int(proxy.offset), compressed=compressed)
@@ -461,10 +467,35 @@ def _read_nibabel(path: Path):
     except (PermissionError, IsADirectoryError):
         raise
     except Exception as err:  # nibabel, gzip and numpy signal corruption in many ways
-        raise ImageReadError(path, f"{type(err).__name__}: {err}") from err
+        raise ImageReadError(path, _nibabel_failure(path, err)) from err
     if np.iscomplexobj(data):
         raise ImageReadError(path, f"complex data ({data.dtype}) are not supported")
     return _spatial_layout(data, path), affine
+
+
+def _nibabel_failure(path: Path, err: Exception) -> str:
+    """Why nibabel could not read ``path``, in words: truncation and unrecognised files
+    said plainly, anything else as the exception itself."""
+    compressed = path.name.lower().endswith((".gz", ".mgz"))
+    if isinstance(err, EOFError):
+        return f"truncated: the compressed data end early ({err})"
+    if compressed and isinstance(err, (gzip.BadGzipFile, zlib.error)) or "not a gzip file" in str(err):
+        return f"not valid gzip-compressed data ({type(err).__name__}: {err})"
+    from nibabel.spatialimages import HeaderDataError
+
+    if isinstance(err, HeaderDataError):
+        return f"corrupt or unsupported header: {err}"
+    if "Cannot work out file type" in str(err):
+        if compressed:
+            try:  # the header is the first 348 bytes; a stream ending before them is truncated
+                with gzip.open(path, "rb") as f:
+                    f.read(1024)
+            except EOFError:
+                return "truncated: the compressed data end before the end of the image header"
+            except (OSError, zlib.error) as gz_err:
+                return f"not valid gzip-compressed data ({type(gz_err).__name__}: {gz_err})"
+        return "no NIfTI or MGH header found: not an image, or a truncated or corrupt one"
+    return f"{type(err).__name__}: {err}"
 
 
 def _embed_3d(data: np.ndarray, affine: np.ndarray):

@@ -258,12 +258,21 @@ def _per_level(value, count: int, *, name: str) -> tuple:
     return values
 
 
-def _check_pair(fixed, moving):
+def _check_pair(fixed, moving, *, constant: bool = False):
+    """Same rank, scalar, real, no NaN/Inf voxels (and, with ``constant``, not one value
+    everywhere); the value checks are eager only, skipped on tracers."""
     fixed, moving = as_image(fixed), as_image(moving)
     if fixed.ndim != moving.ndim:
-        raise ValueError(f"fixed is {fixed.ndim}-D and moving is {moving.ndim}-D; both must have the same rank")
+        raise ValueError(
+            f"fixed is {fixed.ndim}-D {fixed.shape} and moving is {moving.ndim}-D {moving.shape}; both must have the same rank"
+        )
     if fixed.has_channels or moving.has_channels:
-        raise ValueError("register takes scalar images; pass one channel at a time")
+        raise ValueError(
+            f"register takes scalar images; pass one channel at a time (fixed {fixed.shape}, moving {moving.shape})"
+        )
+    for name, image in (("fixed", fixed), ("moving", moving)):
+        _checks.check_real(image.data, name=name)
+        _checks.check_image_values(image.data, name=name, constant=constant)
     return fixed, moving
 
 
@@ -826,10 +835,16 @@ def register(
     world points to moving ones; ``result.warped`` is ``moving`` (as given) on the fixed
     grid.
     """
-    fixed, moving = _check_pair(fixed, moving)
-    original_moving = moving
-    if normalize:
-        fixed, moving = normalize_intensity(fixed), normalize_intensity(moving)
+    fixed, moving = _check_pair(fixed, moving, constant=True)
+    _similarity(similarity, None)  # an unknown name fails here, not after the affine stage
+    if regularization is not None:
+        _checks.check_nonnegative(regularization, name="regularization")
+    if shrink is not None:
+        shrink = _check_shrink(shrink)
+    if steps is not None:
+        counts = tuple(steps) if isinstance(steps, (list, tuple)) else (steps,)
+        if not counts or any(isinstance(n, bool) or int(n) != n or n < 0 for n in counts):
+            raise ValueError(f"steps must be whole numbers >= 0 (one, or one per pyramid level); got {steps!r}")
     preset_name = "brain-mri" if preset is None else preset
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
@@ -859,8 +874,13 @@ def register(
     if "shrink" in overrides and "steps" not in overrides and "steps" in target:
         overrides["steps"] = _steps_for(overrides["shrink"], target.get("shrink", (4, 2, 1)), target["steps"])
     target.update(overrides)
+    if "shrink" in target and isinstance(target.get("steps"), (list, tuple)):
+        _per_level(target["steps"], len(target["shrink"]), name="steps")
     linear_options.update(affine_options or {})
     dense_options.update(deformable_options or {})
+    original_moving = moving
+    if normalize:
+        fixed, moving = normalize_intensity(fixed), normalize_intensity(moving)
 
     clock = _Clock()
     common = dict(fixed_mask=fixed_mask, landmarks=landmarks, progress=progress, _clock=clock)
