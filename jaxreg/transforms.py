@@ -223,9 +223,14 @@ class _FieldOnGrid(Transform):
         return Grid.tree_unflatten(getattr(self, self._array).shape[:-1], (self.affine,))
 
     def _is_own_grid(self, grid: Grid) -> bool:
-        # Identity of the matrix object (not equality, which is unknowable for traced
-        # values) decides; on its own grid a field needs no interpolation.
-        return grid.shape == self.grid.shape and grid.affine is self.affine
+        # On its own grid a field needs no interpolation. Equality is knowable only for
+        # concrete matrices (plain arrays all carry identity matrices, each its own
+        # object); a traced matrix counts only when it is the very same object.
+        if grid.shape != self.grid.shape:
+            return False
+        if grid.affine is self.affine:
+            return True
+        return isinstance(grid.affine, np.ndarray) and isinstance(self.affine, np.ndarray) and np.array_equal(grid.affine, self.affine)
 
 
 class Displacement(_FieldOnGrid):
