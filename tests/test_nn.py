@@ -1,0 +1,385 @@
+"""jaxreg.nn: networks as (moving, fixed) -> Transform, losses against analytic values,
+training (determinism, checkpoint resume, data parallelism), inference in world space."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxreg.nn as jnn
+from jaxreg import datasets, synthetic
+from jaxreg.grid import Grid, Image
+from jaxreg.nn import inference, training
+from jaxreg.nn.losses import displacement_on_grid
+from jaxreg.transforms import Affine, Displacement, Velocity, compose
+
+from helpers import assert_grad_matches_fd, assert_vmap_matches_loop
+
+
+class Fixed(nnx.Module):
+    """A 'network' that returns a given transform whatever it sees."""
+
+    def __init__(self, transform):
+        self.transform = nnx.data(transform)
+
+    def __call__(self, moving, fixed):
+        return self.transform
+
+
+class MeanShift(nnx.Module):
+    """Shift by ``scale * (mean(moving) - mean(fixed))`` along every axis: odd in the pair order."""
+
+    def __init__(self, shape, scale):
+        self.shape = tuple(shape)
+        self.scale = nnx.Param(jnp.asarray(scale, jnp.float32))
+
+    def __call__(self, moving, fixed):
+        shift = self.scale[...] * (jnp.mean(moving) - jnp.mean(fixed))
+        return Displacement(jnp.full(self.shape + (len(self.shape),), shift))
+
+
+def _blob_pair(shape=(16, 16), seed=0):
+    image, _ = synthetic.blobs(jax.random.key(seed), shape, labels=2)
+    return jnp.asarray(image, jnp.float32)
+
+
+def _index_points(shape):
+    return Grid(shape).points()
+
+
+# ------------------------------------------------------------------------------ modules
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: jnn.DisplacementField(jnn.MLP((12, 10), hidden=(8,), rngs=nnx.Rngs(0))),
+        lambda: jnn.VelocityField(jnn.UNet(2, features=(4, 8), rngs=nnx.Rngs(0))),
+        lambda: jnn.AffineHead(2, features=(4, 8), rngs=nnx.Rngs(0)),
+        lambda: jnn.Multistep(jnn.DisplacementField(jnn.MLP((12, 10), hidden=(8,), rngs=nnx.Rngs(0))), steps=3),
+        lambda: jnn.TwoStep(jnn.AffineHead(2, features=(4,), rngs=nnx.Rngs(0)), jnn.DisplacementField(jnn.UNet(2, features=(4, 8, 8), rngs=nnx.Rngs(1)))),
+        lambda: jnn.Downsampled(jnn.DisplacementField(jnn.UNet(2, features=(4, 8), rngs=nnx.Rngs(0))), factor=2, ndim=2),
+    ],
+    ids=["mlp", "unet-velocity", "affine", "multistep", "two-step", "downsampled"],
+)
+def test_every_network_starts_as_the_identity(make):
+    net = make()
+    rng = np.random.default_rng(0)
+    moving, fixed = (jnp.asarray(rng.random((12, 10)), jnp.float32) for _ in range(2))
+    points = _index_points((12, 10))
+    np.testing.assert_allclose(net(moving, fixed).mapped_points(Grid((12, 10))), points, atol=1e-6)
+
+
+def test_unet_any_size_and_rank_and_output_shape():
+    net = jnn.UNet(3, features=(2, 4, 4), rngs=nnx.Rngs(0))
+    pair = jnp.ones((9, 6, 5, 2))
+    assert net(pair).shape == (9, 6, 5, 3)
+    # With a non-zero last layer the output is not trivially zero and depends on the input.
+    net.out.kernel[...] = jnp.ones_like(net.out.kernel[...]) * 0.01
+    a, b = net(pair), net(pair * 2.0)
+    assert float(jnp.abs(a - b).max()) > 1e-4
+
+
+def test_mlp_rejects_other_sizes_and_pair_rejects_mismatch():
+    net = jnn.DisplacementField(jnn.MLP((8, 8), hidden=(4,), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"built for images of shape \(8, 8\)"):
+        net(jnp.zeros((9, 8)), jnp.zeros((9, 8)))
+    with pytest.raises(ValueError, match="same shape"):
+        net(jnp.zeros((8, 8)), jnp.zeros((8, 8, 2)))
+
+
+def test_two_step_composes_first_then_second():
+    first = Affine.from_linear(jnp.array([[1.1, 0.2], [0.0, 0.9]]), jnp.array([1.0, -2.0]))
+    second = Affine.from_linear(jnp.array([[0.8, 0.0], [0.3, 1.0]]), jnp.array([0.5, 0.25]))
+    net = jnn.TwoStep(Fixed(first), Fixed(second))
+    x = jnp.array([[3.0, 4.0], [0.0, 7.0]])
+    image = jnp.zeros((8, 8))
+    # psi is found after warping by phi, so the moving image is read at phi(psi(x)).
+    np.testing.assert_allclose(net(image, image)(x), first(second(x)), rtol=1e-6)
+
+
+def test_multistep_equals_nested_two_step_at_the_voxels():
+    rng = np.random.default_rng(1)
+    inner = jnn.DisplacementField(jnn.MLP((10, 10), hidden=(6,), rngs=nnx.Rngs(0)))
+    inner.backbone.out.kernel[...] = jnp.asarray(rng.normal(size=inner.backbone.out.kernel[...].shape) * 0.05, jnp.float32)
+    inner.backbone.out.bias[...] = jnp.asarray(rng.uniform(0.1, 0.3, size=inner.backbone.out.bias[...].shape), jnp.float32)
+    moving, fixed = (jnp.asarray(rng.random((10, 10)), jnp.float32) for _ in range(2))
+    grid = Grid((10, 10))
+    multi = jnn.Multistep(inner, steps=2)(moving, fixed).mapped_points(grid)
+    nested = jnn.TwoStep(inner, inner)(moving, fixed).mapped_points(grid)
+    assert float(jnp.abs(multi - grid.points()).max()) > 0.05  # the net does move things
+    np.testing.assert_allclose(multi, nested, atol=1e-5)
+
+
+def test_multistep_trajectory_records_every_step():
+    net = jnn.Multistep(Fixed(Displacement(jnp.full((6, 6, 2), 0.5))), steps=3)
+    fields = net.trajectory(jnp.zeros((6, 6)), jnp.zeros((6, 6)))
+    # Constant shifts add up: 0.5, 1.0, 1.5 voxels.
+    np.testing.assert_allclose(fields[:, 2, 2, 0], [0.5, 1.0, 1.5], atol=1e-6)
+
+
+def test_downsampled_lifts_coarse_voxels_to_full_voxels():
+    coarse_u = jnp.zeros((4, 5, 2)).at[..., 0].set(1.0).at[..., 1].set(-0.5)
+    net = jnn.Downsampled(Fixed(Displacement(coarse_u)), factor=2, ndim=2)
+    t = net(jnp.zeros((8, 10)), jnp.zeros((8, 10)))
+    # One coarse voxel is two full voxels.
+    np.testing.assert_allclose(displacement_on_grid(t, Grid((8, 10))), jnp.broadcast_to(jnp.array([2.0, -1.0]), (8, 10, 2)), atol=1e-6)
+    # A linear coarse field u(y) = 0.1 * y0 is 0.2 * y0(x) at full size, y0 = (x0 - 0.5) / 2.
+    y0 = Grid((4, 5)).points()[..., 0]
+    linear = Downsampled_field = jnn.Downsampled(Fixed(Displacement(jnp.stack([0.1 * y0, 0 * y0], -1))), factor=2, ndim=2)
+    x = jnp.array([[3.0, 4.0], [4.5, 2.0]])
+    expected = x.at[:, 0].add(0.2 * (x[:, 0] - 0.5) / 2.0)
+    np.testing.assert_allclose(linear(jnp.zeros((8, 10)), jnp.zeros((8, 10)))(x), expected, atol=1e-5)
+    del Downsampled_field
+
+
+def test_downsampled_velocity_stays_a_velocity():
+    v = Velocity(jnp.full((4, 4, 2), 0.25))
+    t = jnn.Downsampled(Fixed(v), factor=2, ndim=2)(jnp.zeros((8, 8)), jnp.zeros((8, 8)))
+    assert isinstance(t, Velocity)
+    np.testing.assert_allclose(t(jnp.array([[3.0, 3.0]])), [[3.5, 3.5]], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- losses
+
+
+def test_regularized_loss_of_a_known_shift():
+    ramp = jnp.tile(jnp.arange(8.0), (8, 1))
+    shift = Fixed(Displacement(jnp.zeros((8, 8, 2)).at[..., 1].set(1.0)))
+    loss, terms = jnn.regularized(lmbda=0.5)(shift, {"moving": ramp, "fixed": ramp + 1.0})
+    # The shift is exact except in the last column, which reads beyond the image (0): (0 - 8)^2 / 8.
+    np.testing.assert_allclose(terms["similarity"], 64.0 / 8.0, rtol=1e-6)
+    np.testing.assert_allclose(terms["regularity"], 0.0, atol=1e-7)
+    np.testing.assert_allclose(loss, terms["similarity"], rtol=1e-6)
+
+
+def test_icon_and_gradicon_of_shifts_and_affines():
+    a = jnp.zeros((10, 10)).at[3:6, 3:6].set(1.0)
+    b = a * 0.5
+    pair = {"moving": a, "fixed": b}
+    odd = MeanShift((10, 10), scale=10.0)  # phi_AB = +d, phi_BA = -d: exact inverses
+    _, terms = jnn.icon(lmbda=1.0)(odd, pair)
+    np.testing.assert_allclose(terms["inverse_consistency"], 0.0, atol=1e-10)
+    same = Fixed(Displacement(jnp.full((10, 10, 2), 0.3)))  # both directions +0.3: round trip +0.6
+    _, terms = jnn.icon(lmbda=1.0)(same, pair)
+    np.testing.assert_allclose(terms["inverse_consistency"], 2 * 0.6**2, rtol=1e-5)
+    _, terms = jnn.gradicon(lmbda=1.0)(same, pair)
+    np.testing.assert_allclose(terms["gradient_inverse_consistency"], 0.0, atol=1e-8)
+    linear = jnp.array([[1.1, 0.1], [0.0, 0.95]])
+    affine = Fixed(Affine.from_linear(linear, jnp.zeros(2)))
+    _, terms = jnn.gradicon(lmbda=1.0)(affine, pair)
+    expected = float(jnp.sum((linear @ linear - jnp.eye(2)) ** 2))
+    np.testing.assert_allclose(terms["gradient_inverse_consistency"], expected, rtol=1e-4)
+
+
+def test_supervised_and_dice_terms():
+    target = jnp.zeros((6, 6, 2)).at[..., 0].set(1.0)
+    net = Fixed(Displacement(jnp.zeros((6, 6, 2))))
+    loss, _ = jnn.supervised()(net, {"moving": jnp.zeros((6, 6)), "fixed": jnp.zeros((6, 6)), "target": target})
+    np.testing.assert_allclose(loss, 1.0, rtol=1e-6)
+    labels = jnp.zeros((6, 6), jnp.int32).at[1:4, 1:4].set(1).at[4:, 4:].set(2)
+    pair = {"moving": labels * 1.0, "fixed": labels * 1.0, "moving_labels": labels, "fixed_labels": labels}
+    _, terms = jnn.regularized(dice_weight=1.0, labels=(1, 2))(net, pair)
+    np.testing.assert_allclose(terms["dice_loss"], 0.0, atol=1e-5)
+    with pytest.raises(KeyError, match="moving_labels"):
+        jnn.regularized(dice_weight=1.0, labels=(1,))(net, {"moving": labels * 1.0, "fixed": labels * 1.0})
+    with pytest.raises(ValueError, match="target displacement must have shape"):
+        jnn.supervised()(net, {"moving": jnp.zeros((6, 6)), "fixed": jnp.zeros((6, 6)), "target": target[:5]})
+
+
+def _small_mlp_net(seed=0, shape=(8, 8)):
+    """A two-step MLP net moved off the identity, with a bias so that no sampling point
+    sits exactly on a voxel (where linear interpolation has a kink and central
+    differences would average the two one-sided derivatives)."""
+    net = jnn.Multistep(jnn.DisplacementField(jnn.MLP(shape, hidden=(16,), rngs=nnx.Rngs(seed))), steps=2)
+    rng = np.random.default_rng(seed)
+    out = net.net.backbone.out
+    out.kernel[...] = jnp.asarray(rng.normal(size=out.kernel[...].shape) * 0.05, jnp.float32)
+    out.bias[...] = jnp.asarray(rng.uniform(0.1, 0.3, size=out.bias[...].shape), jnp.float32)
+    return net
+
+
+@pytest.mark.parametrize("loss", [jnn.regularized(lmbda=0.05), jnn.icon(lmbda=0.1), jnn.gradicon(lmbda=0.1)], ids=["diffusion", "icon", "gradicon"])
+def test_losses_jit_vmap_and_gradient(loss):
+    net = _small_mlp_net()
+    graph, state = training.init(net, optax.sgd(0.1))
+    rng = np.random.default_rng(3)
+    batch = {"moving": jnp.asarray(rng.random((3, 8, 8)), jnp.float32), "fixed": jnp.asarray(rng.random((3, 8, 8)), jnp.float32)}
+
+    def one(params, pair):
+        return loss(training.merge(graph, params), pair)[0]
+
+    eager = one(state.params, jax.tree_util.tree_map(lambda a: a[0], batch))
+    np.testing.assert_allclose(jax.jit(one)(state.params, jax.tree_util.tree_map(lambda a: a[0], batch)), eager, rtol=1e-5)
+    assert_vmap_matches_loop(lambda pair: one(state.params, pair), batch, rtol=1e-5)
+    pair0 = jax.tree_util.tree_map(lambda a: a[0], batch)
+    assert_grad_matches_fd(lambda params: one(params, pair0), state.params, eps=1e-4, rtol=5e-2, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _translation_sampler(shape=(8, 8), batch_size=8):
+    rng = np.random.default_rng(0)
+    images = np.zeros((16,) + shape, np.float32)
+    for i in range(16):
+        r, c = rng.integers(2, 4, size=2)
+        images[i, r : r + 3, c : c + 3] = 1.0
+    return datasets.pair_sampler(images, batch_size=batch_size)
+
+
+def test_training_reduces_the_loss_and_is_deterministic(tmp_path):
+    sampler = _translation_sampler()
+    runs = []
+    for _ in range(2):
+        net = jnn.Multistep(jnn.DisplacementField(jnn.MLP((8, 8), hidden=(16,), rngs=nnx.Rngs(0))), steps=2)
+        model, state, history = jnn.train(net, jnn.regularized(lmbda=0.01), sampler, optax.adam(3e-3), steps=60, log_every=20, seed=1, progress=False)
+        runs.append((state, history))
+    (state_a, history_a), (state_b, history_b) = runs
+    assert history_a[-1]["loss"] < 0.8 * history_a[0]["loss"]
+    assert [h["loss"] for h in history_a] == [h["loss"] for h in history_b]
+    for a, b in zip(jax.tree_util.tree_leaves(state_a.params), jax.tree_util.tree_leaves(state_b.params)):
+        np.testing.assert_array_equal(a, b)
+    assert int(state_a.step) == 60 and "compile_seconds" in history_a[0]
+
+
+def test_checkpoint_resume_continues_the_same_run(tmp_path):
+    sampler = _translation_sampler()
+    make = lambda: jnn.Multistep(jnn.DisplacementField(jnn.MLP((8, 8), hidden=(8,), rngs=nnx.Rngs(0))), steps=2)  # noqa: E731
+    _, straight, _ = jnn.train(make(), jnn.regularized(), sampler, optax.adam(1e-3), steps=20, log_every=5, seed=2, progress=False)
+    path = tmp_path / "run.ckpt"
+    spec = {"name": "mnist-multistep", "kwargs": {"shape": [8, 8], "hidden": [8], "steps": 2}}
+    jnn.train(make(), jnn.regularized(), sampler, optax.adam(1e-3), steps=10, log_every=5, seed=2, progress=False, checkpoint=path, spec=spec)
+    log = tmp_path / "log.jsonl"
+    model, resumed, history = jnn.train(make(), jnn.regularized(), sampler, optax.adam(1e-3), steps=20, log_every=5, seed=2, progress=False, checkpoint=path, log_file=log)
+    assert [h["step"] for h in history] == [15, 20]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [15, 20]
+    for a, b in zip(jax.tree_util.tree_leaves(straight.params), jax.tree_util.tree_leaves(resumed.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # The checkpoint names its network: build + restore gives the trained model.
+    _, stored_spec = training.load_checkpoint(path, resumed)
+    assert stored_spec == spec
+    rebuilt = training.restore_model(path, jnn.build(stored_spec))
+    x = jnp.zeros((8, 8)).at[2:5, 2:5].set(1.0)
+    np.testing.assert_allclose(rebuilt(x, x.T).field, model(x, x.T).field, atol=1e-6)
+
+
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
+    net = jnn.DisplacementField(jnn.MLP((8, 8), hidden=(4,), rngs=nnx.Rngs(0)))
+    _, state = training.init(net, optax.adam(1e-3))
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not msgpack at all \x00\x01")
+    with pytest.raises(training.CheckpointReadError, match="bad.ckpt"):
+        training.load_checkpoint(bad, state)
+    good = tmp_path / "good.ckpt"
+    training.save_checkpoint(good, state)
+    other = jnn.DisplacementField(jnn.MLP((8, 8), hidden=(5,), rngs=nnx.Rngs(0)))
+    _, other_state = training.init(other, optax.adam(1e-3))
+    with pytest.raises(training.CheckpointReadError, match="shape"):
+        training.load_checkpoint(good, other_state)
+    with pytest.raises(FileNotFoundError):
+        training.load_checkpoint(tmp_path / "missing.ckpt", state)
+
+
+def test_fine_tune_improves_one_pair_and_leaves_the_model_alone():
+    net = jnn.Multistep(jnn.DisplacementField(jnn.MLP((8, 8), hidden=(8,), rngs=nnx.Rngs(0))), steps=2)
+    moving = jnp.zeros((8, 8)).at[2:5, 2:5].set(1.0)
+    fixed = jnp.zeros((8, 8)).at[3:6, 3:6].set(1.0)
+    before = [np.asarray(a) for a in jax.tree_util.tree_leaves(nnx.state(net, nnx.Param))]
+    tuned, losses = jnn.fine_tune(net, jnn.regularized(lmbda=0.01), {"moving": moving, "fixed": fixed}, steps=40, optimizer=optax.adam(1e-2))
+    assert float(losses[-1]) < 0.5 * float(losses[0])
+    after = [np.asarray(a) for a in jax.tree_util.tree_leaves(nnx.state(net, nnx.Param))]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_data_parallel_loss_and_gradients_equal_single_device():
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np, optax
+        from flax import nnx
+        from jax.sharding import NamedSharding, PartitionSpec
+        import jaxreg.nn as jnn
+        from jaxreg.nn import training
+        assert jax.device_count() == 8, jax.devices()
+        net = jnn.Multistep(jnn.DisplacementField(jnn.MLP((8, 8), hidden=(6,), rngs=nnx.Rngs(0))), steps=2)
+        out = net.net.backbone.out
+        out.kernel[...] = jnp.asarray(np.random.default_rng(0).normal(size=out.kernel[...].shape) * 0.05, jnp.float32)
+        graph, state = training.init(net, optax.adam(1e-3))
+        rng = np.random.default_rng(1)
+        batch = {"moving": jnp.asarray(rng.random((16, 8, 8)), jnp.float32), "fixed": jnp.asarray(rng.random((16, 8, 8)), jnp.float32)}
+        loss_fn = jnn.gradicon(lmbda=0.1)
+        f = jax.jit(jax.value_and_grad(lambda p, b: training.batch_loss(graph, p, loss_fn, b)[0]))
+        single = f(state.params, batch)
+        mesh = training.data_mesh()
+        sharded_batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+        params = jax.device_put(state.params, NamedSharding(mesh, PartitionSpec()))
+        multi = f(params, sharded_batch)
+        assert len(sharded_batch["moving"].sharding.device_set) == 8
+        np.testing.assert_allclose(multi[0], single[0], rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(multi[1]), jax.tree_util.tree_leaves(single[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        # And the training loop itself runs sharded, giving the single-device result.
+        sampler = lambda key: batch
+        _, s8, _ = jnn.train(net, loss_fn, sampler, optax.sgd(0.1), steps=3, log_every=3, progress=False, devices=jax.devices())
+        _, s1, _ = jnn.train(net, loss_fn, sampler, optax.sgd(0.1), steps=3, log_every=3, progress=False)
+        for a, b in zip(jax.tree_util.tree_leaves(s8.params), jax.tree_util.tree_leaves(s1.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+def test_register_images_lifts_index_transforms_to_world():
+    affine = np.diag([2.0, 3.0, 1.0]).astype(np.float32)
+    affine[:2, 2] = [10.0, -5.0]
+    fixed = Image(jnp.asarray(_blob_pair((12, 10))), affine)
+    moving = Image(jnp.asarray(_blob_pair((12, 10), seed=1)), affine)
+    u = jnp.zeros((12, 10, 2)).at[..., 0].set(0.5).at[..., 1].set(-1.0)
+    prediction = inference.register_images(Fixed(Displacement(u)), fixed, moving)
+    world = fixed.grid.points()
+    # Half a voxel along axis 0 is 1 mm; minus one voxel along axis 1 is -3 mm.
+    np.testing.assert_allclose(prediction.transform(world.reshape(-1, 2)), (world + jnp.array([1.0, -3.0])).reshape(-1, 2), atol=1e-4)
+    assert prediction.warped.shape == (12, 10)
+
+
+def test_register_images_on_a_network_grid_of_other_shape():
+    fixed = Image(jnp.ones((16, 12)), np.diag([1.0, 1.0, 1.0]).astype(np.float32))
+    grid = inference.network_grid(fixed.grid, (8, 6))
+    # Same extent: the first and last voxel centres sit half a voxel inside the full grid's edges.
+    np.testing.assert_allclose(grid.points()[0, 0], [0.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(grid.points()[-1, -1], [14.5, 10.5], atol=1e-6)
+    with pytest.raises(ValueError, match="takes 3-D inputs"):
+        inference.network_grid(fixed.grid, (4, 4, 4))
+
+
+def test_build_knows_its_architectures():
+    net = jnn.build({"name": "unet-two-step", "kwargs": {"ndim": 2, "features": [4, 8]}})
+    x = jnp.zeros((8, 8))
+    np.testing.assert_allclose(net(x, x).mapped_points(Grid((8, 8))), Grid((8, 8)).points(), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        jnn.build({"name": "resnet"})
+
+
+def test_composition_with_world_affines_matches_compose():
+    # register_images relies on compose(A, t, A^-1) being t in world coordinates.
+    a = Affine(jnp.asarray(np.diag([2.0, 2.0, 1.0]), jnp.float32))
+    t = Displacement(jnp.full((4, 4, 2), 1.0))
+    x = jnp.array([[2.0, 4.0]])
+    np.testing.assert_allclose(compose(a, t, a.inverse())(x), x + 2.0, atol=1e-6)
