@@ -410,13 +410,63 @@ def _register_options(args) -> dict:
         raise UsageError(f"--steps has {len(options['steps'])} values for {len(options['shrink'])} --shrink levels")
     if (args.fixed_landmarks is None) != (args.moving_landmarks is None):
         raise UsageError("--fixed-landmarks and --moving-landmarks go together")
+    if getattr(args, "model", None) is not None:
+        classical = [name for name, key in (("--preset", "preset"), ("--transform", "affine"), ("--similarity", "similarity"),
+                                            ("--regularization", "regularization"), ("--shrink", "shrink"), ("--steps", "steps")) if key in options]
+        if classical:
+            raise UsageError(f"--model runs a trained network; {', '.join(classical)} set(s) classical options it would ignore")
+        if args.fixed_landmarks is not None or args.fixed_mask is not None:
+            raise UsageError("--model does not take --fixed-mask or landmarks")
+        options = {"model": args.model}
     return options
+
+
+def _network_register(fixed, moving, checkpoint: str):
+    """A trained network's registration as a registration.Result (transform sampled on the fixed grid)."""
+    import jax
+
+    from jaxreg import nn as jnn
+    from jaxreg.registration import Result
+    from jaxreg.transforms import Displacement
+
+    path = Path(checkpoint)
+    _, spec = _read_model_spec(path)
+    try:
+        network = jnn.training.restore_model(path, jnn.build(spec))
+    except ValueError as err:
+        raise CommandError(f"--model {path}: {err}") from err
+    input_shape = spec.get("input_shape") or spec.get("kwargs", {}).get("shape")
+    if input_shape is not None and len(input_shape) != fixed.ndim:
+        raise CommandError(f"--model {path} registers {len(input_shape)}-D images; the inputs are {fixed.ndim}-D")
+    if spec.get("kwargs", {}).get("ndim") not in (None, fixed.ndim):
+        raise CommandError(f"--model {path} registers {spec['kwargs']['ndim']}-D images; the inputs are {fixed.ndim}-D")
+    start = time.perf_counter()
+    prediction = jnn.inference.register_images(network, fixed, moving, input_shape=input_shape)
+    transform = jax.jit(Displacement.from_transform, static_argnums=1)(prediction.transform, fixed.grid)
+    seconds = time.perf_counter() - start
+    return Result(transform=transform, inverse=None, warped=prediction.warped, losses=(), stages=("network",),
+                  compile_seconds=None, run_seconds=seconds)
+
+
+def _read_model_spec(path: Path):
+    from jaxreg.nn import training
+
+    try:
+        payload = training._read_checkpoint(path)
+    except FileNotFoundError as err:
+        raise CommandError(f"--model {path}: no such checkpoint file") from err
+    spec = payload["spec"]
+    if not spec or "name" not in spec:
+        raise CommandError(f"--model {path}: the checkpoint does not name its network (train with spec=...)")
+    return payload, spec
 
 
 def _call_register(fixed, moving, options: dict, progress: Callable | None):
     """registration.register, its bad-option errors as one-line command errors."""
     from jaxreg import registration
 
+    if "model" in options:
+        return _network_register(fixed, moving, options["model"])
     try:
         return registration.register(fixed, moving, progress=progress, **options)
     except (ValueError, TypeError) as err:
@@ -977,6 +1027,7 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--regularization", type=float, help="weight of the deformable stage's regularizer")
     reg.add_argument("--shrink", help="pyramid shrink factors, coarse to fine, e.g. 4,2,1")
     reg.add_argument("--steps", help="optimisation steps per level, e.g. 100,60,30")
+    reg.add_argument("--model", metavar="CHECKPOINT", help="register with a trained network (a jaxreg.nn checkpoint) instead of optimising")
     reg.add_argument("--fixed-mask", help="weights on the fixed grid (nonzero = used)")
     reg.add_argument("--fixed-landmarks", help="landmarks in the fixed image (text, elastix or DIR-Lab file)")
     reg.add_argument("--moving-landmarks", help="the corresponding landmarks in the moving image")

@@ -383,3 +383,39 @@ def test_composition_with_world_affines_matches_compose():
     t = Displacement(jnp.full((4, 4, 2), 1.0))
     x = jnp.array([[2.0, 4.0]])
     np.testing.assert_allclose(compose(a, t, a.inverse())(x), x + 2.0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_register_with_a_trained_model(tmp_path, capsys):
+    import nibabel as nib
+
+    from jaxreg import cli, io
+
+    sampler = _translation_sampler(shape=(12, 12), batch_size=4)
+    spec = {"name": "mnist-multistep", "kwargs": {"shape": [12, 12], "hidden": [8], "steps": 2}}
+    checkpoint = tmp_path / "model.ckpt"
+    model, _, _ = jnn.train(jnn.build(spec), jnn.regularized(), sampler, optax.adam(1e-2), steps=20, log_every=10, progress=False, checkpoint=checkpoint, spec=spec)
+    fixed = np.zeros((12, 12), np.float32)
+    fixed[4:8, 5:9] = 1.0
+    moving = np.roll(fixed, 1, axis=0)
+    affine = np.diag([2.0, 2.0, 1.0, 1.0]).astype(np.float32)
+    io.save(Image(fixed, affine[[0, 1, 3]][:, [0, 1, 3]]), tmp_path / "fixed.nii.gz")
+    io.save(Image(moving, affine[[0, 1, 3]][:, [0, 1, 3]]), tmp_path / "moving.nii.gz")
+    out = tmp_path / "out"
+    code = cli.main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "--model", str(checkpoint), "--out", str(out), "--quiet", "--no-report", "--no-cache"])
+    assert code == 0
+    warped = nib.load(out / "warped.nii.gz").get_fdata()
+    expected = inference.register_images(model, io.load(tmp_path / "fixed.nii.gz", squeeze=True), io.load(tmp_path / "moving.nii.gz", squeeze=True), input_shape=(12, 12)).warped
+    np.testing.assert_allclose(np.squeeze(warped), np.asarray(expected.data), atol=1e-5)
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["stages"] == ["network"] and record["negative_jacobian_fraction"] >= 0.0
+    # Classical options with --model, and a checkpoint that does not name its network, are errors.
+    code = cli.main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "--model", str(checkpoint), "--preset", "fast", "--out", str(tmp_path / "o2")])
+    assert code == 2 and "--preset" in capsys.readouterr().err
+    bare = tmp_path / "bare.ckpt"
+    _, state = training.init(model, optax.adam(1e-3))
+    training.save_checkpoint(bare, state)
+    code = cli.main(["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "--model", str(bare), "--out", str(tmp_path / "o3")])
+    assert code == 1 and "does not name its network" in capsys.readouterr().err
