@@ -16,12 +16,14 @@ The building blocks, bottom up:
 - :mod:`jaxreg.itk` -- transform files that ANTs and ITK read and write;
 - :mod:`jaxreg.landmarks` -- point files (plain text, elastix, DIR-Lab);
 - :mod:`jaxreg.viz` -- overlays, checkerboards, deformed grids, Jacobian maps (matplotlib);
-- :mod:`jaxreg.synthetic` -- built-in synthetic images and warps.
+- :mod:`jaxreg.synthetic` -- built-in synthetic images and warps;
+- :mod:`jaxreg.nn` -- amortized registration: flax networks, ICON/GradICON, training;
+- :mod:`jaxreg.datasets` -- MNIST from its standard files, pair samplers.
 
 The ``jaxreg`` command (:mod:`jaxreg.cli`) registers, applies and evaluates from files.
 """
 
-from jaxreg import differential, filters, io, itk, landmarks, losses, metrics, population, registration, synthetic, viz
+from jaxreg import datasets, differential, filters, io, itk, landmarks, losses, metrics, nn, population, registration, synthetic, viz
 from jaxreg.grid import Grid, Image, as_image
 from jaxreg.io import load, save
 from jaxreg.sampling import sample
@@ -54,6 +56,7 @@ __all__ = [
     "Velocity",
     "as_image",
     "compose",
+    "datasets",
     "differential",
     "filters",
     "invert",
@@ -66,6 +69,7 @@ __all__ = [
     "load",
     "losses",
     "metrics",
+    "nn",
     "register",
     "registration",
     "sample",

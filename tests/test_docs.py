@@ -40,7 +40,7 @@ from jaxreg.transforms import rotation_matrix
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
-EXPENSIVE = {"quickstart.md", "registration.md", "population.md", "extending.md"}
+EXPENSIVE = {"quickstart.md", "registration.md", "population.md", "extending.md", "training.md"}
 OPTIONAL_MODULES = {"torch", "ants"}
 CHECKED_PACKAGES = {"jaxreg", "tests"}
 
