@@ -45,6 +45,10 @@ try:
     import scipy.ndimage as ndi
 except ImportError:
     ndi = None
+try:
+    import SimpleITK as sitk
+except ImportError:
+    sitk = None
 
 OASIS = (160, 192, 224)
 SIZES_3D = [(64, 64, 64), (128, 128, 128), OASIS]
@@ -203,12 +207,27 @@ def warp_cases(shape, grad):
             return torch_backward(grid, lambda: run().square().mean(), t_grad_to_index)
         return torch_forward(run, lambda out: out[0, 0].numpy())
 
+    def sitk_case():
+        need(sitk, "SimpleITK")
+        # GetImageFromArray reads numpy axes in reverse (index x = last axis), so the
+        # displacement's components are reversed to ITK's x, y(, z) order.
+        moving = sitk.GetImageFromArray(np.array(image, np.float32))
+        field = sitk.GetImageFromArray(np.array((coords - identity(shape))[..., ::-1], np.float64), isVector=True)
+        transform = sitk.DisplacementFieldTransform(field)
+        run = lambda: sitk.Resample(moving, moving, transform, sitk.sitkLinear, 0.0)  # noqa: E731
+        note = ("max rel diff from points outside [0, n-1]: ITK reads up to half a voxel beyond the edge "
+                "(edge value), jaxreg's constant mode fades to 0 there; inside, the outputs agree to float32 rounding")
+        return ("eager", run, (), sitk.GetArrayFromImage, note)
+
     nbytes = None if grad else image.nbytes + coords.nbytes + image.nbytes
-    return nbytes, [
+    cases = [
         ("jaxreg", lambda: jax_case(ours, image, coords)),
         ("jax.scipy map_coordinates", lambda: jax_case(theirs, image, coord_list, convert=stack)),
         ("torch grid_sample", torch_case),
     ]
+    if not grad:
+        cases.append(("SimpleITK Resample (displacement field)", sitk_case))
+    return nbytes, cases
 
 
 def cubic_cases(shape):
@@ -295,10 +314,25 @@ def smooth_cases(shape):
 
         return torch_forward(run, lambda out: out[0, 0].numpy())
 
+    def sitk_discrete():
+        need(sitk, "SimpleITK")
+        img = sitk.GetImageFromArray(np.array(image, np.float32))
+        # ITK's discrete Gaussian kernel (Bessel, not the sampled Gaussian), capped at 17 taps.
+        run = lambda: sitk.DiscreteGaussian(img, 4.0, 17, 1e-6, False)  # noqa: E731
+        return ("eager", run, (), sitk.GetArrayFromImage)
+
+    def sitk_recursive():
+        need(sitk, "SimpleITK")
+        img = sitk.GetImageFromArray(np.array(image, np.float32))
+        run = lambda: sitk.SmoothingRecursiveGaussian(img, 2.0)  # noqa: E731  (IIR: cost independent of sigma)
+        return ("eager", run, (), sitk.GetArrayFromImage)
+
     return None, [
         ("jaxreg", lambda: jax_case(lambda i: filters.gaussian_smooth(i, 2.0), image)),
         ("scipy.ndimage gaussian_filter", scipy_case),
         ("torch conv3d separable", torch_case),
+        ("SimpleITK DiscreteGaussian", sitk_discrete),
+        ("SimpleITK SmoothingRecursiveGaussian", sitk_recursive),
     ]
 
 
@@ -379,7 +413,9 @@ def run_case(kernel, shape, n, nbytes, impls):
     for impl, build in impls:
         row = {"kernel": kernel, "size": "×".join(map(str, shape)), "impl": impl, "n": n}
         try:
-            kind, fn, args, convert = build()
+            kind, fn, args, convert, *note = build()
+            if note:
+                row["note"] = note[0]
             timing, out = time_jax(fn, *args, n=n) if kind == "jax" else time_calls(fn, n)
             out = convert(out)
         except Skip as e:
@@ -435,7 +471,7 @@ def render(result) -> str:
         f"# Kernel benchmarks ({'quick' if result['settings']['quick'] else 'full'})",
         "",
         f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
-        f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m['torch']}, scipy {m['scipy']}; {result['started']}",
+        f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m['torch']}, scipy {m['scipy']}, SimpleITK {m.get('SimpleITK')}; {result['started']}",
         f"- code: jaxreg at {code['commit'][:10] or '?'}{dirty}; load average (1 min) "
         f"{result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end",
         f"- memory bandwidth: {bw['gb_per_s']:.1f} GB/s ({bw['method']})",
@@ -463,16 +499,19 @@ def main(argv=None):
         parser.error(f"unknown kernel(s) {unknown}; choose from {list(KERNELS)}")
     if torch is not None:
         torch.set_num_threads(os.cpu_count())
+    if sitk is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(os.cpu_count())
 
     start = time.perf_counter()
     result = {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "SimpleITK": sitk.Version_VersionString() if sitk is not None else None},
         "code": code_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
         "load_average_start": os.getloadavg(),
         "memory_bandwidth": memory_bandwidth(),
         "settings": {"quick": args.quick, "kernels": only, "data": DATA, "warp_bytes": WARP_BYTES,
-                     "torch_threads": torch.get_num_threads() if torch is not None else None},
+                     "torch_threads": torch.get_num_threads() if torch is not None else None,
+                     "simpleitk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None},
         "rows": [],
     }
     md_path = os.path.splitext(args.out)[0] + ".md"

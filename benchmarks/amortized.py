@@ -1,0 +1,420 @@
+"""Amortized registration: jaxreg's networks next to icon_registration on the same experiment.
+
+    python benchmarks/amortized.py                       # 2000 training steps per run (long)
+    python benchmarks/amortized.py --quick               # 200 steps
+    python benchmarks/amortized.py --steps 100 --losses diffusion,gradicon --out /tmp/amortized
+
+Writes ``amortized.json`` and ``amortized.md`` into ``--out`` (default
+``benchmarks/results``) and prints the Markdown. Every run is its own Python process, one
+after the other, so that speed and peak memory are its own and a crash costs one row:
+
+- ``jaxreg``: ``python examples/mnist_multistep.py --steps N --out DIR --data PATH --loss L
+  --seed S`` (JAX's persistent compilation cache off); it writes ``DIR/metrics.json``.
+- ``icon_registration``: ``python benchmarks/peers/icon_mnist.py`` with the same steps,
+  data, loss and seed, and the λ the jaxreg run reports (``lmbda`` in its metrics; the
+  peer's default 0.05 otherwise), converted to icon's convention inside the peer (see its
+  docstring). It runs with ``--peer-python`` (default: this interpreter), so a virtual
+  environment holding the ``bench`` extra can serve it, once per ``--icon-threads`` value
+  (torch threads; default the cores available). The speed-up is taken against icon's
+  fastest row: on a busy machine torch's OpenMP threads slow down far more than XLA's
+  (200 steps here at a 1-minute load average of 3 to 5 on 2 cores: 0.8 to 2.9 steps/s
+  with 2 threads, 4.8 with 1), so ``--icon-threads 1,2`` keeps the comparison fair there.
+  Each row records the 1-minute load average before and after it, and the Markdown warns
+  when the machine was busy.
+- a 3-D network row: ``python examples/gradicon_3d.py --steps N3 --out DIR`` when that
+  example exists (jaxreg only: no icon 3-D peer here yet).
+
+A run that cannot happen (example missing, icon_registration not importable) is a row
+with the reason. The experiment: an MLP on the two 28×28 images, applied 8 times with
+shared weights (multistep, each step composing its displacement on the right), trained on
+pairs of fives (batches of 128, Adam 1e-3), evaluated on 256 pairs of fives and 256 of
+sevens from the test set. **speed-up** = jaxreg training steps/s ÷ icon's (target ≥ 3×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist", "mnist.npz")
+DEFAULT_OUT = os.path.join(HERE, "results")
+JAXREG_EXAMPLE = os.path.join(REPO, "examples", "mnist_multistep.py")
+JAXREG_3D_EXAMPLE = os.path.join(REPO, "examples", "gradicon_3d.py")
+ICON_PEER = os.path.join(HERE, "peers", "icon_mnist.py")
+LOSSES = ("diffusion", "icon", "gradicon")
+TARGET_SPEEDUP = 3.0
+ACCURACY = ("ssd_before", "ssd_after", "dice_before", "dice_after", "folded_fraction", "objective")
+
+
+# ----------------------------------------------------------------------- metrics
+
+
+def _find(metrics: dict, *candidates, contains: tuple = ()):
+    """The first of ``candidates`` present in ``metrics`` (or one level down); else the first
+    key containing every string of ``contains``. None when nothing matches."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    levels = [metrics] + [v for v in metrics.values() if isinstance(v, dict)]
+    for level in levels:
+        for key in candidates:
+            if number(level.get(key)):
+                return float(level[key])
+    if contains:
+        for level in levels:
+            for key, value in level.items():
+                if all(c in key.lower() for c in contains) and number(value):
+                    return float(value)
+    return None
+
+
+def summarize(metrics: dict) -> dict:
+    """The numbers this suite compares, from either side's metrics.json (key names may differ)."""
+    out = {
+        "steps_per_second": _find(metrics, "steps_per_second", "train_steps_per_second"),
+        "train_seconds": _find(metrics, "train_seconds", "training_seconds"),
+        "compile_seconds": _find(metrics, "compile_seconds", "compile_s"),
+        "final_loss": _find(metrics, "final_loss", "final_training_loss"),
+        "peak_rss_mib": _find(metrics, "peak_rss_mib", "peak_rss_MiB", "max_rss_mib", contains=("rss",)),
+        "inference_pairs_per_second": _find(metrics, "inference_pairs_per_second", "inference_pairs_per_s",
+                                            contains=("inference", "per_s")),
+        "lmbda": _find(metrics, "lmbda", "lambda", "lam"),
+    }
+    out["eval"] = {}
+    for name, values in eval_sets(metrics).items():
+        values = dict(values)
+        values.setdefault("objective", values.get("objective_after"))  # both names are in use
+        values.setdefault("folded_fraction", None if values.get("folded_percent_on_network_grid") is None
+                          else values["folded_percent_on_network_grid"] / 100.0)
+        out["eval"][name] = {k: values[k] for k in ACCURACY if isinstance(values.get(k), (int, float))}
+    return out
+
+
+def eval_sets(metrics: dict) -> dict:
+    """Evaluation results in a metrics.json: top-level dicts with before/after scores (MNIST
+    ``fives``, ``sevens``; 3-D ``synthetic``), and such dicts one level down (``oasis``'s
+    directions), named ``"oasis 0001<-0002"``."""
+    def scored(d):
+        return isinstance(d, dict) and any(k in d for k in ("dice_after", "ssd_after"))
+
+    found = {}
+    for name, value in metrics.items():
+        if scored(value):
+            found[name] = value
+        elif isinstance(value, dict):
+            for inner, v in value.items():
+                if scored(v):
+                    found[f"{name} {inner}"] = v
+    return found
+
+
+def loss_curve(metrics: dict, log_path: str) -> list:
+    """``[[step, training loss], ...]``: the icon peer's ``loss_history_every_10`` (means of
+    10 steps), or the ``step``/``loss`` entries of a jaxreg ``log.jsonl`` (means over its
+    logging interval)."""
+    history = metrics.get("loss_history_every_10")
+    if isinstance(history, list):
+        return [[10 * (i + 1), v] for i, v in enumerate(history)]
+    curve = []
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry.get("step"), (int, float)) and isinstance(entry.get("loss"), (int, float)):
+                    curve.append([entry["step"], entry["loss"]])
+    return curve
+
+
+def _slim(metrics: dict, limit: int = 400) -> dict:
+    """The metrics without long lists (loss histories), for the results file."""
+    return {k: (v if not isinstance(v, list) or len(v) <= limit else f"<list of {len(v)}>") for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------ running
+
+
+def run_one(command, folder, timeout, env) -> dict:
+    """Run ``command`` (which writes ``folder/metrics.json``) in a fresh process group."""
+    os.makedirs(folder, exist_ok=True)
+    log_path = os.path.join(folder, "log.txt")
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, 9)  # our own child's group
+            proc.wait()
+    record = {"command": [os.path.relpath(c, REPO) if os.path.isabs(c) and c.startswith(REPO) else c for c in command],
+              "process_s": time.perf_counter() - start, "load_average_1min": [load_before, os.getloadavg()[0]]}
+    metrics_path = os.path.join(folder, "metrics.json")
+    if proc.returncode == 0 and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+        if "skipped" in metrics:
+            record.update(status="skipped", note=str(metrics["skipped"]))
+        else:
+            record.update(status="ok", summary=summarize(metrics), metrics=_slim(metrics))
+            curve = loss_curve(metrics, os.path.join(folder, "log.jsonl"))
+            if curve:
+                record["loss_curve"] = curve
+        return record
+    with open(log_path, errors="replace") as f:
+        tail = [line.strip() for line in f.read().splitlines() if line.strip() and "WARNING" not in line][-3:]
+    why = f"timed out after {timeout:.0f} s" if timed_out else f"exit code {proc.returncode}"
+    record.update(status="error", note=f"{why}: {' | '.join(tail)[-400:]}")
+    return record
+
+
+def environment(jax_side: bool) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if jax_side:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # compile time is part of what is measured
+    return env
+
+
+def mnist_rows(loss: str, args, workdir: str) -> list[dict]:
+    base = {"network": "mnist-multistep", "loss": loss, "steps": args.steps, "seed": args.seed}
+    rows = []
+    jax_row = dict(base, tool="jaxreg")
+    if not os.path.exists(JAXREG_EXAMPLE):
+        jax_row.update(status="skipped", note="examples/mnist_multistep.py not found (the jaxreg side of this experiment is not written yet)")
+    else:
+        command = [sys.executable, JAXREG_EXAMPLE, "--steps", str(args.steps), "--out", os.path.join(workdir, f"jaxreg-{loss}"),
+                   "--data", args.data, "--loss", loss, "--seed", str(args.seed)]
+        print(f"[{loss}] jaxreg ...", file=sys.stderr, flush=True)
+        jax_row.update(run_one(command, os.path.join(workdir, f"jaxreg-{loss}"), args.timeout, environment(True)))
+    rows.append(jax_row)
+
+    lmbda = (jax_row.get("summary") or {}).get("lmbda")
+    for threads in args.icon_threads:
+        icon_row = dict(base, tool="icon_registration", threads=threads)
+        folder = os.path.join(workdir, f"icon-{loss}-{threads}")
+        command = [args.peer_python, ICON_PEER, "--steps", str(args.steps), "--out", folder, "--data", args.data,
+                   "--loss", loss, "--seed", str(args.seed), "--threads", str(threads)]
+        if lmbda is not None:
+            command += ["--lmbda", repr(lmbda)]
+        else:
+            icon_row["lmbda_note"] = "the jaxreg run reported no λ: the peer used its default (0.05 in jaxreg's convention)"
+        print(f"[{loss}] icon_registration, {threads} torch threads ...", file=sys.stderr, flush=True)
+        icon_row.update(run_one(command, folder, args.timeout, environment(False)))
+        rows.append(icon_row)
+    return rows
+
+
+def network3d_rows(args, workdir: str) -> list[dict]:
+    row = {"network": "3-D network (examples/gradicon_3d.py)", "loss": "gradicon", "steps": args.steps_3d, "tool": "jaxreg"}
+    if not os.path.exists(JAXREG_3D_EXAMPLE):
+        row.update(status="skipped", note="examples/gradicon_3d.py not found")
+        return [row]
+    folder = os.path.join(workdir, "jaxreg-3d")
+    command = [sys.executable, JAXREG_3D_EXAMPLE, "--steps", str(args.steps_3d), "--out", folder, *args.args_3d.split()]
+    print("[3-D] jaxreg ...", file=sys.stderr, flush=True)
+    row.update(run_one(command, folder, args.timeout, environment(True)))
+    return [row, {"network": row["network"], "loss": "gradicon", "tool": "icon_registration", "status": "skipped",
+                  "note": "no icon_registration 3-D peer in this suite yet"}]
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """jaxreg against icon_registration's fastest row (over torch thread counts) per loss."""
+    out = []
+    for loss in LOSSES:
+        ok = [r for r in rows if r["network"] == "mnist-multistep" and r["loss"] == loss and r.get("status") == "ok"]
+        jax_rows = [r for r in ok if r["tool"] == "jaxreg"]
+        icon_rows = [r for r in ok if r["tool"] == "icon_registration" and r["summary"].get("steps_per_second")]
+        if not jax_rows or not icon_rows:
+            continue
+        best = max(icon_rows, key=lambda r: r["summary"]["steps_per_second"])
+        j, i = jax_rows[0]["summary"], best["summary"]
+        record = {"loss": loss, "target": TARGET_SPEEDUP, "icon_threads": best.get("threads")}
+        for key in ("steps_per_second", "inference_pairs_per_second"):
+            if j.get(key) and i.get(key):
+                record[f"{key}_ratio"] = j[key] / i[key]
+        if "steps_per_second_ratio" in record:
+            record["meets_target"] = record["steps_per_second_ratio"] >= TARGET_SPEEDUP
+        out.append(record)
+    return out
+
+
+# ------------------------------------------------------------------------- report
+
+
+def _f(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def tool_name(row: dict) -> str:
+    if not row.get("threads"):
+        return row["tool"]
+    return f"{row['tool']} ({row['threads']} thread{'s' if row['threads'] != 1 else ''})"
+
+
+def busy_note(result: dict) -> str:
+    """A warning when the machine was busy during a run (1-min load average above half the cores)."""
+    cores = result["settings"].get("threads") or 1
+    loads = [x for r in result["rows"] for x in (r.get("load_average_1min") or [])]
+    if loads and max(loads) > 0.5 * cores:
+        return (f"The machine was busy (1-min load average up to {max(loads):.1f} on {cores} cores): timings are not "
+                "reliable, torch's OpenMP threads in particular slow down sharply when other processes hold the cores "
+                "(`--icon-threads 1,2` adds a single-threaded icon row, and the speed-up takes icon's fastest).")
+    return ""
+
+
+def render(result: dict) -> str:
+    from benchmarks._timing import markdown_table
+
+    m, code = result["machine"], result["code"]
+    dirty = f", uncommitted: {' '.join(line.split()[-1] for line in code['uncommitted'])}" if code["uncommitted"] else ""
+    s = result["settings"]
+    lines = [
+        f"# Amortized registration: jaxreg vs icon_registration ({'quick' if s['quick'] else 'full'})",
+        "",
+        f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
+        f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m.get('torch')}, icon_registration {m.get('icon_registration')}; "
+        f"{result['started']}",
+        f"- code: jaxreg at {code['commit'][:10] or '?'}{dirty}; load average (1 min) "
+        f"{result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end; total {result['total_s']:.0f} s",
+        f"- experiment: MNIST multistep (MLP 1568-50-50-1568, 8 weight-shared steps), {s['steps']} training steps of "
+        f"128 pairs of fives, Adam 1e-3, seed {s['seed']}; evaluation on 256 pairs of fives and 256 of sevens (test set). "
+        "**steps/s**: training steps per second after the warm-up steps (icon: the first 10; jaxreg: its compiling steps, listed as "
+        "**compile s**); **train s**: all steps; **peak MiB**: the process's VmHWM; **inference pairs/s**: batches "
+        "of 256, no gradient. Dice of the > 0.5 masks (moving warped bilinearly); **folded**: fraction of pixels with "
+        "Jacobian determinant <= 0; **objective**: SSD + λ·diffusion in jaxreg's convention (pixels). Each side "
+        "computes its own accuracy numbers by the same definitions.",
+        "",
+    ]
+    busy = busy_note(result)
+    if busy:
+        lines += [f"**{busy}**", ""]
+    if result["comparisons"]:
+        times = lambda v: "" if v is None else f"{v:.2f}×"  # noqa: E731
+        met = {True: "yes", False: "no", None: ""}
+        rows = [[c["loss"], times(c.get("steps_per_second_ratio")), c.get("icon_threads"), f"≥ {c['target']:g}×",
+                 met[c.get("meets_target")], times(c.get("inference_pairs_per_second_ratio"))]
+                for c in result["comparisons"]]
+        lines += ["## Speed-up", "", markdown_table(["loss", "jaxreg ÷ icon steps/s", "icon torch threads (its fastest row)",
+                                                     "target", "met", "jaxreg ÷ icon inference pairs/s"], rows), ""]
+    for network in dict.fromkeys(r["network"] for r in result["rows"]):
+        lines += [f"## {network}", ""]
+        rows = []
+        for r in (r for r in result["rows"] if r["network"] == network):
+            sm = r.get("summary") or {}
+            note = r.get("note", "") if r.get("status") != "ok" else r.get("lmbda_note", "")
+            load = r.get("load_average_1min")
+            rows.append([r["loss"], tool_name(r), r.get("status", ""), _f(sm.get("lmbda"), "g"), _f(sm.get("steps_per_second"), ".2f"),
+                         _f(sm.get("train_seconds"), ".1f"), _f(sm.get("compile_seconds"), ".1f"), _f(sm.get("final_loss"), ".5f"),
+                         _f(sm.get("peak_rss_mib"), ".0f"), _f(sm.get("inference_pairs_per_second"), ".0f"),
+                         "" if not load else f"{load[0]:.1f} → {load[1]:.1f}", note])
+        lines += [markdown_table(["loss", "tool", "status", "λ", "steps/s", "train s", "compile s", "final loss", "peak MiB",
+                                  "inference pairs/s", "load avg", "note"], rows), ""]
+        ok = [r for r in result["rows"] if r["network"] == network and r.get("status") == "ok"]
+        accuracy = []
+        for r in ok:
+            for name, values in (r["summary"].get("eval") or {}).items():
+                accuracy.append([r["loss"], tool_name(r), name, *[_f(values.get(k), ".4f") for k in ACCURACY]])
+        if accuracy:
+            lines += [markdown_table(["loss", "tool", "pairs", "SSD before", "SSD after", "Dice before", "Dice after",
+                                      "folded", "objective"], accuracy), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="200 training steps (3-D: 20)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 2000, quick 200)")
+    parser.add_argument("--losses", default="diffusion", help=f"comma-separated subset of {','.join(LOSSES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=DEFAULT_DATA, help="mnist.npz")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for amortized.json and amortized.md")
+    parser.add_argument("--peer-python", default=sys.executable, help="interpreter for the icon_registration peer")
+    parser.add_argument("--icon-threads", default=None,
+                        help="comma-separated torch thread counts, one icon row each (default: the cores available); "
+                             "the speed-up is taken against icon's fastest row")
+    parser.add_argument("--steps-3d", type=int, default=None, help="training steps of the 3-D example (default 200, quick 20)")
+    parser.add_argument("--args-3d", default="", help="extra arguments for examples/gradicon_3d.py")
+    parser.add_argument("--no-3d", action="store_true", help="leave out the 3-D network row")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per run (default 10800, quick 1800)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, metrics.json of each run)")
+    args = parser.parse_args(argv)
+    losses = [k.strip() for k in args.losses.split(",") if k.strip()]
+    unknown = sorted(set(losses) - set(LOSSES))
+    if unknown:
+        parser.error(f"unknown --losses {unknown}; choose from {list(LOSSES)}")
+    cores = len(os.sched_getaffinity(0))
+    args.icon_threads = [int(t) for t in (args.icon_threads or str(cores)).split(",") if t.strip()]
+    args.steps = args.steps or (200 if args.quick else 2000)
+    args.steps_3d = args.steps_3d or (20 if args.quick else 200)
+    args.timeout = args.timeout or (1800.0 if args.quick else 10800.0)
+    if not os.path.exists(args.data):
+        parser.error(f"MNIST data not found: {args.data}")
+
+    from benchmarks._timing import code_version, machine_info, write_atomic
+
+    machine = machine_info()
+    probe = subprocess.run([args.peer_python, "-c", "import importlib.metadata as m; print(m.version('icon_registration'))"],
+                           capture_output=True, text=True)
+    machine["icon_registration"] = probe.stdout.strip() or None
+    start = time.perf_counter()
+    result = {
+        "suite": "amortized",
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine,
+        "code": code_version(REPO),
+        "load_average_start": os.getloadavg(),
+        "settings": {"quick": args.quick, "steps": args.steps, "steps_3d": args.steps_3d, "losses": losses, "seed": args.seed,
+                     "data": args.data, "peer_python": args.peer_python, "target_speedup": TARGET_SPEEDUP,
+                     "threads": cores, "icon_threads": args.icon_threads},
+        "rows": [],
+        "comparisons": [],
+    }
+    os.makedirs(args.out, exist_ok=True)
+    json_path, md_path = os.path.join(args.out, "amortized.json"), os.path.join(args.out, "amortized.md")
+
+    def save():
+        result["total_s"] = time.perf_counter() - start
+        result["load_average_end"] = os.getloadavg()
+        result["comparisons"] = compare(result["rows"])
+        write_atomic(json_path, json.dumps(result, indent=1, default=str) + "\n")
+        write_atomic(md_path, render(result))
+
+    workdir = tempfile.mkdtemp(prefix="jaxreg-amortized-")
+    try:
+        for loss in losses:
+            result["rows"] += mnist_rows(loss, args, workdir)
+            save()  # after every loss, so that a run killed later still leaves its results
+        if not args.no_3d:
+            result["rows"] += network3d_rows(args, workdir)
+        save()
+    finally:
+        if args.keep:
+            print(f"work folder kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(render(result))
+    print(f"wrote {json_path} and {md_path} in {result['total_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

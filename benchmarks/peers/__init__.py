@@ -1,0 +1,1 @@
+"""Peer implementations that run in their own process and write a JSON (see each module)."""

@@ -1,0 +1,477 @@
+"""Generate the benchmark results page and its plots from ``benchmarks/results/*.json``.
+
+    python benchmarks/report.py                                   # -> docs/benchmarks.md, docs/images/benchmarks/
+    python benchmarks/report.py --results /tmp/r --page /tmp/r/benchmarks.md --images /tmp/r/images
+
+Every number on the page comes from a results file (ratios are computed from them here);
+nothing is typed by hand, so the page is regenerated, never edited. One section per suite
+(``kernels``, ``pairwise``, ``population``, ``compile``, ``amortized``; a results file of
+another name gets a short section naming it), each naming the machine and devices its
+JSON records. Plots (matplotlib, small PNGs) go to ``--images`` and are linked relative to
+the page: pairwise wall time vs accuracy (one point per method per case), population
+seconds per pair vs number of pairs (vmap and loop), kernel time vs size per
+implementation, kernel compile time vs run time, amortized training curves. A suite
+without results says so and how to produce them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._timing import markdown_table, write_atomic  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+DEFAULT_RESULTS = os.path.join(HERE, "results")
+DEFAULT_PAGE = os.path.join(REPO, "docs", "benchmarks.md")
+DEFAULT_IMAGES = os.path.join(REPO, "docs", "images", "benchmarks")
+SUITES = ("kernels", "pairwise", "population", "compile", "amortized")
+TITLES = {
+    "kernels": "Kernels",
+    "pairwise": "Pairwise registration",
+    "population": "Population throughput",
+    "compile": "Compile time vs run time",
+    "amortized": "Amortized registration (networks)",
+}
+SCRIPTS = {name: f"benchmarks/{name}.py" for name in SUITES}
+DPI = 80
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _f(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def _ms(seconds):
+    if seconds is None:
+        return ""
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
+
+
+def _s(seconds):
+    return "" if seconds is None else f"{seconds:.2f}" if seconds < 10 else f"{seconds:.1f}"
+
+
+def _cell(text) -> str:
+    """Table-safe text: no pipes, no newlines."""
+    return "" if text is None else str(text).replace("|", "/").replace("\n", " ")
+
+
+def _voxels(size: str) -> int:
+    return math.prod(int(n) for n in size.replace("x", "×").split("×"))
+
+
+def machine_line(result: dict) -> str:
+    m = result.get("machine") or {}
+    cpu = m.get("cpu_model") or m.get("processor") or "?"
+    cores = m.get("cores_available") or m.get("cpu_count")
+    parts = [f"{cpu} ({m.get('machine', '?')}), {cores} cores"]
+    if m.get("mem_total_gib"):
+        parts.append(f"{m['mem_total_gib']} GiB RAM")
+    devices = ", ".join(m.get("jax_devices") or []) or "?"
+    software = [f"jax {m.get('jax', '?')} on {devices}"]
+    for name in ("torch", "scipy", "SimpleITK", "antspyx", "fireants", "icon_registration"):
+        if m.get(name):
+            software.append(f"{name} {m[name]}")
+    code = result.get("code") or {}
+    commit = (code.get("commit") or "")[:10]
+    text = f"{', '.join(parts)}; {', '.join(software)}"
+    if commit:
+        text += f"; jaxreg at `{commit}`" + (" (with uncommitted changes)" if code.get("uncommitted") else "")
+    return text
+
+
+def run_line(name: str, result: dict, path: str) -> str:
+    settings = result.get("settings") or {}
+    mode = "quick" if settings.get("quick") else "full"
+    load = ""
+    if result.get("load_average_start") and result.get("load_average_end"):
+        load = f"; load average {result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end"
+    total = f"; {result['total_s']:.0f} s in all" if result.get("total_s") is not None else ""
+    return (f"Run {result.get('started', '?')} ({mode}) on {machine_line(result)}{load}{total}. "
+            f"Source: `{os.path.relpath(path, REPO)}`, written by `{SCRIPTS.get(name, '?')}`.")
+
+
+def _style(ax, xlabel: str, ylabel: str, *, xlog=False, ylog=False, size: int = 7):
+    """Labels, log axes without crowded minor-tick labels, small fonts."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for axis, log, limits in ((ax.xaxis, xlog, ax.get_xlim), (ax.yaxis, ylog, ax.get_ylim)):
+        if not log:
+            continue
+        (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
+        lo, hi = limits()
+        if hi / max(lo, 1e-300) < 30:  # under ~1.5 decades: label 1-2-5 steps, not only powers of ten
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(xlabel, fontsize=size)
+    ax.set_ylabel(ylabel, fontsize=size)
+    ax.tick_params(which="both", labelsize=size - 1)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+class Plots:
+    """Writes PNGs into ``folder`` and returns Markdown image links relative to the page."""
+
+    def __init__(self, folder: str, page: str):
+        self.folder, self.page = folder, page
+        self.written: list[str] = []
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            self.plt = plt
+        except ImportError:
+            self.plt = None
+
+    def figure(self, *args, **kwargs):
+        return self.plt.subplots(*args, **kwargs)
+
+    def save(self, fig, name: str, alt: str, *, bottom: float = 0.0) -> str:
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, name)
+        fig.tight_layout(rect=(0, bottom, 1, 1))
+        fig.savefig(path, dpi=DPI)
+        self.plt.close(fig)
+        self.written.append(path)
+        link = os.path.relpath(path, os.path.dirname(os.path.abspath(self.page))).replace(os.sep, "/")
+        return f"![{alt}]({link})"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def kernels_section(result: dict, plots: Plots) -> list[str]:
+    rows = result.get("rows") or []
+    lines = []
+    settings = result.get("settings") or {}
+    if settings.get("data"):
+        lines += [f"Data: {settings['data']}.", ""]
+    bandwidth = result.get("memory_bandwidth")
+    if bandwidth:
+        lines += [f"Memory bandwidth of the machine: {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['method']}).", ""]
+    lines += ["Median wall time of the timed calls after a warm-up call (their number is `n` in the JSON); **× jaxreg** = peer median ÷ jaxreg "
+              "median (above 1: jaxreg is faster). JAX programs are compiled before timing (compile time in the "
+              "*Compile time* section and in the JSON).", ""]
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    for kernel in kernels:
+        krows = [r for r in rows if r["kernel"] == kernel]
+        impls = list(dict.fromkeys(r["impl"] for r in krows))
+        peers = [i for i in impls if i != "jaxreg"]
+        headers = ["size", "jaxreg ms"]
+        for p in peers:
+            headers += [f"{p} ms", "× jaxreg"]
+        table, notes = [], {}
+        for size in dict.fromkeys(r["size"] for r in krows):
+            by_impl = {r["impl"]: r for r in krows if r["size"] == size}
+            line = []
+            for impl in ["jaxreg", *peers]:
+                r = by_impl.get(impl, {})
+                if r.get("note"):
+                    notes.setdefault(f"{impl}: {r['note']}", None)
+                cell = _ms(r.get("median_s")) or _cell(r.get("note", "").split(":")[0])
+                line += [cell] if impl == "jaxreg" else [cell, _f(r.get("ratio"), ".2f")]
+            table.append([size, *line])
+        lines += [f"**{kernel}**", "", markdown_table(headers, table), ""]
+        if notes:
+            lines += [f"- {_cell(note)}" for note in notes] + [""]
+    if plots.plt is not None and kernels:
+        cols = min(4, len(kernels))
+        nrows = math.ceil(len(kernels) / cols)
+        fig, axes = plots.figure(nrows, cols, figsize=(3.0 * cols, 2.6 * nrows), squeeze=False)
+        for ax, kernel in zip(axes.flat, kernels):
+            krows = [r for r in rows if r["kernel"] == kernel and r.get("median_s")]
+            for impl in dict.fromkeys(r["impl"] for r in krows):
+                points = sorted((_voxels(r["size"]), r["median_s"] * 1e3) for r in krows if r["impl"] == impl)
+                ax.plot(*zip(*points), marker="o", ms=3, label=impl)
+            _style(ax, "voxels", "ms (median)", xlog=True, ylog=True)
+            ax.set_title(kernel, fontsize=8)
+            ax.legend(fontsize=5)
+        for ax in list(axes.flat)[len(kernels):]:
+            ax.axis("off")
+        lines += [plots.save(fig, "kernels.png", "Kernel time vs size per implementation"), ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------- pairwise
+
+
+def _quality_key(case: dict) -> str:
+    return "dice" if any("dice" in (r.get("scores") or {}) for r in case.get("rows", [])) else "ncc"
+
+
+def pairwise_section(result: dict, plots: Plots) -> list[str]:
+    settings = result.get("settings") or {}
+    reference = settings.get("reference", "ants-syn")
+    lines = []
+    if settings.get("inputs"):
+        lines += [f"Inputs: {settings['inputs']}.", ""]
+    lines += [f"Each method runs alone in a fresh process. **wall s**: the registration call (jaxreg: tracing and "
+              f"compilation included); **× {reference}** = wall ÷ {reference} wall of the same direction; "
+              "**% folds**: voxels with Jacobian determinant ≤ 0. Dice is the mean over labels; NCC is computed "
+              "where a case has no labels. The full protocol is in `benchmarks/results/pairwise.md`.", ""]
+    cases = result.get("cases") or []
+    points = {}  # case -> method -> [(wall, quality)]
+    for case in cases:
+        lines += [f"### {case['case']}", ""]
+        if "skipped" in case:
+            lines += [f"Skipped: {case['skipped']}", ""]
+            continue
+        if case.get("description"):
+            lines += [case["description"], ""]
+        key = _quality_key(case)
+        label = "Dice" if key == "dice" else "NCC"
+        headers = ["method", "moving→fixed", f"{label} before", f"{label} after", "% folds", "wall s", "compile s",
+                   f"× {reference}", "note"]
+        table = []
+        for r in case.get("rows", []):
+            s, before = r.get("scores") or {}, r.get("before") or {}
+            table.append([r["method"], r.get("direction", ""), _f(before.get(key), ".3f"), _f(s.get(key), ".3f"),
+                          _f(s.get("folds_pct"), ".3f"), _s(r.get("wall_s")), _s(r.get("compile_s")),
+                          _f(r.get("wall_vs_reference"), ".2f"), _cell(r.get("note", ""))])
+            if r.get("wall_s") and s.get(key) is not None:
+                points.setdefault((case["case"], label), {}).setdefault(r["method"], []).append((r["wall_s"], s[key]))
+        lines += [markdown_table(headers, table), ""]
+    if plots.plt is not None and points:
+        n = len(points)
+        fig, axes = plots.figure(1, n, figsize=(2.8 * n, 2.8), squeeze=False)
+        methods = list(dict.fromkeys(m for per_case in points.values() for m in per_case))
+        colours = {m: f"C{i}" for i, m in enumerate(methods)}
+        for ax, ((case, label), per_method) in zip(axes.flat, points.items()):
+            for method, values in per_method.items():
+                wall = sum(v[0] for v in values) / len(values)
+                quality = sum(v[1] for v in values) / len(values)
+                ax.scatter([wall], [quality], color=colours[method], label=method, s=22)
+            _style(ax, "wall s (mean over directions)", f"{label} after", xlog=True)
+            ax.set_title(case, fontsize=8)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        seen = dict(zip(labels, handles))
+        for ax in axes.flat[1:]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(lab, h)
+        fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=len(seen), fontsize=7, frameon=False)
+        lines += [plots.save(fig, "pairwise.png", "Pairwise: wall time vs accuracy, one point per method per case", bottom=0.1), ""]
+    return lines
+
+
+# -------------------------------------------------------------------------- population
+
+
+def population_section(result: dict, plots: Plots) -> list[str]:
+    settings = result.get("settings") or {}
+    rows = result.get("rows") or []
+    lines = []
+    if settings:
+        size = settings.get("size")
+        lines += [f"N synthetic {size}×{size} pairs registered to one fixed image by one stage, {settings.get('steps')} "
+                  "steps at the finest level; **vmap**: one `jax.jit(jax.vmap(stage))` program for the batch; "
+                  "**loop**: one jitted single-pair program called N times. Compile time is excluded from the "
+                  "throughput and listed apart.", ""]
+    headers = ["stage", "pairs", "vmap pairs/s", "loop pairs/s", "vmap ÷ loop", "vmap compile s", "loop compile s"]
+    table = [[r["stage"], r["pairs"], _f(r.get("vmap_pairs_per_s"), ".2f"), _f(r.get("loop_pairs_per_s"), ".2f"),
+              _f(r.get("speedup"), ".2f"), _f(r.get("vmap_compile_s"), ".1f"), _f(r.get("loop_compile_s"), ".1f")] for r in rows]
+    lines += [markdown_table(headers, table), ""]
+    if plots.plt is not None and rows:
+        fig, ax = plots.figure(figsize=(4.2, 3.0))
+        for i, stage in enumerate(dict.fromkeys(r["stage"] for r in rows)):
+            srows = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["pairs"])
+            pairs = [r["pairs"] for r in srows]
+            ax.plot(pairs, [1.0 / r["vmap_pairs_per_s"] for r in srows], marker="o", color=f"C{i}", label=f"{stage} vmap")
+            ax.plot(pairs, [1.0 / r["loop_pairs_per_s"] for r in srows], marker="s", ls="--", color=f"C{i}", label=f"{stage} loop")
+        _style(ax, "pairs", "seconds per pair", ylog=True)
+        ax.set_xscale("log", base=2)
+        counts = sorted({r["pairs"] for r in rows})
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.legend(fontsize=6)
+        lines += [plots.save(fig, "population.png", "Population: seconds per pair vs number of pairs, vmap and loop"), ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def compile_section(result: dict, plots: Plots) -> list[str]:
+    calls = max((len(rec.get("calls", [])) for rec in result.get("register") or []), default=0)
+    lines = ["**compile s**: `lower(...).compile()`, tracing included; **run s**: the compiled program running; "
+             "**runs to amortise** = compile ÷ run."]
+    if calls:
+        lines[0] += (f" `register()` is called {calls} times in one fresh process per case (persistent compilation "
+                     "cache off); the later calls show what JAX's in-process caches save.")
+    lines.append("")
+    for rec in result.get("register") or []:
+        lines += [f"### register: {rec['case']}", ""]
+        if "calls" not in rec:
+            lines += [f"{'Skipped' if 'skipped' in rec else 'Error'}: {rec.get('skipped') or rec.get('error')}", ""]
+            continue
+        shape = "×".join(map(str, rec["shape"]))
+        lines += [f"Grid {shape}" + (f" (inputs downsampled by {rec['factor']})" if rec.get("factor", 1) > 1 else "")
+                  + f", preset `{rec.get('preset', '?')}`.", ""]
+        headers = ["call", "level", "compile s", "run s", "runs to amortise"]
+        table = []
+        for call in rec["calls"]:
+            for level in call.get("levels") or []:
+                ratio = level["compile_s"] / level["run_s"] if level.get("run_s") else None
+                table.append([call["call"], level["stage"], _f(level["compile_s"], ".2f"), _f(level["run_s"], ".3f"), _f(ratio, ".1f")])
+            ratio = call["compile_s"] / call["run_s"] if call.get("run_s") and call.get("compile_s") is not None else None
+            table.append([call["call"], f"all levels (wall {_s(call['wall_s'])} s)", _f(call.get("compile_s"), ".2f"),
+                          _f(call.get("run_s"), ".3f"), _f(ratio, ".1f")])
+        lines += [markdown_table(headers, table), ""]
+    kernels = result.get("kernels") or []
+    if kernels:
+        n = (result.get("settings") or {}).get("kernel_n")
+        lines += ["### Kernel programs", "", f"Run time: median of {n} calls.", ""]
+        table = [[r["kernel"], r["size"], _f(r.get("compile_s"), ".3f"), _ms(r.get("median_s")),
+                  _f(r.get("runs_to_amortise"), ".1f"), _cell(r.get("note", ""))] for r in kernels]
+        lines += [markdown_table(["kernel", "size", "compile s", "run ms", "runs to amortise", "note"], table), ""]
+        if plots.plt is not None and any(r.get("median_s") for r in kernels):
+            fig, ax = plots.figure(figsize=(4.6, 3.2))
+            for i, kernel in enumerate(dict.fromkeys(r["kernel"] for r in kernels)):
+                krows = sorted((r for r in kernels if r["kernel"] == kernel and r.get("median_s")), key=lambda r: r["voxels"])
+                ax.plot([r["median_s"] * 1e3 for r in krows], [r["compile_s"] for r in krows], marker="o", ms=3,
+                        color=f"C{i}", label=kernel)
+            _style(ax, "run ms (points: sizes, small to large)", "compile s", xlog=True, ylog=True)
+            ax.legend(fontsize=5)
+            lines += [plots.save(fig, "compile.png", "Kernel programs: compile time vs run time"), ""]
+    return lines
+
+
+# --------------------------------------------------------------------------- amortized
+
+
+def amortized_section(result: dict, plots: Plots) -> list[str]:
+    settings = result.get("settings") or {}
+    lines = [f"MNIST multistep network: {settings.get('steps')} training steps per run, seed {settings.get('seed')}; "
+             "each run in its own process (the experiment is specified in `benchmarks/peers/icon_mnist.py`). "
+             "**steps/s**: training steps per second after the warm-up steps; **speed-up** = jaxreg steps/s ÷ "
+             "icon_registration steps/s.", ""]
+    from benchmarks.amortized import busy_note, tool_name
+
+    busy = busy_note(result) if result.get("rows") else ""
+    if busy:
+        lines += [f"!!! warning\n    {busy}", ""]
+    comparisons = result.get("comparisons") or []
+    if comparisons:
+        table = [[c["loss"], _f(c.get("steps_per_second_ratio"), ".2f"), c.get("icon_threads"), _f(c.get("target"), "g"),
+                  {True: "yes", False: "no"}.get(c.get("meets_target"), ""), _f(c.get("inference_pairs_per_second_ratio"), ".2f")]
+                 for c in comparisons]
+        lines += [markdown_table(["loss", "speed-up (training)", "icon torch threads (fastest)", "target", "met",
+                                  "speed-up (inference)"], table), ""]
+    rows = result.get("rows") or []
+    for network in dict.fromkeys(r["network"] for r in rows):
+        lines += [f"### {network}", ""]
+        table = []
+        for r in (r for r in rows if r["network"] == network):
+            s = r.get("summary") or {}
+            note = r.get("note", "") if r.get("status") != "ok" else r.get("lmbda_note", "")
+            load = r.get("load_average_1min")
+            table.append([r["loss"], tool_name(r), r.get("status", ""), _f(s.get("lmbda"), "g"), _f(s.get("steps_per_second"), ".2f"),
+                          _f(s.get("train_seconds"), ".1f"), _f(s.get("compile_seconds"), ".1f"), _f(s.get("final_loss"), ".5f"),
+                          _f(s.get("peak_rss_mib"), ".0f"), _f(s.get("inference_pairs_per_second"), ".0f"),
+                          "" if not load else f"{load[0]:.1f} → {load[1]:.1f}", _cell(note)])
+        lines += [markdown_table(["loss", "tool", "status", "λ", "steps/s", "train s", "compile s", "final loss", "peak MiB",
+                                  "inference pairs/s", "load avg (1 min)", "note"], table), ""]
+        accuracy = []
+        for r in (r for r in rows if r["network"] == network and r.get("status") == "ok"):
+            summary = r.get("summary") or {}
+            sets = summary.get("eval") or {n: summary[n] for n in ("fives", "sevens") if summary.get(n)}  # older files
+            for name, v in sets.items():
+                accuracy.append([r["loss"], tool_name(r), name] + [_f(v.get(k), ".4f") for k in
+                                ("ssd_before", "ssd_after", "dice_before", "dice_after", "folded_fraction", "objective")])
+        if accuracy:
+            lines += [markdown_table(["loss", "tool", "pairs", "SSD before", "SSD after", "Dice before", "Dice after",
+                                      "folded", "objective"], accuracy), ""]
+    curves = [(f"{tool_name(r)}, {r['loss']}", r["loss_curve"]) for r in rows
+              if r.get("status") == "ok" and r.get("network") == "mnist-multistep" and r.get("loss_curve")]
+    if plots.plt is not None and curves:
+        fig, ax = plots.figure(figsize=(4.4, 3.0))
+        for label, points in curves:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label)
+        _style(ax, "training step", "training loss (mean over the logging interval)")
+        ax.legend(fontsize=6)
+        lines += [plots.save(fig, "amortized.png", "Amortized: training loss vs step"), ""]
+    return lines
+
+
+RENDERERS = {"kernels": kernels_section, "pairwise": pairwise_section, "population": population_section,
+             "compile": compile_section, "amortized": amortized_section}
+
+
+# -------------------------------------------------------------------------------- page
+
+
+def build_page(results_dir: str, page: str, images: str) -> tuple[str, list[str]]:
+    plots = Plots(images, page)
+    found = {os.path.splitext(os.path.basename(p))[0]: p for p in sorted(glob.glob(os.path.join(results_dir, "*.json")))}
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `python benchmarks/report.py` from benchmarks/results/*.json: do not edit by hand. -->",
+        "",
+        "Every number below is read from the JSON files that the benchmark scripts write; rerun them with "
+        "`python benchmarks/run.py` (all suites, then this page) or one suite with "
+        "`python benchmarks/run.py --suite NAME`. Peers (torch, ANTsPy, FireANTs, icon_registration) come from "
+        "the `bench` extra: `pip install \".[bench]\"`; a peer that is missing is a row that says so.",
+        "",
+    ]
+    summary = []
+    for name in [*SUITES, *sorted(set(found) - set(SUITES))]:
+        if name not in found:
+            summary.append([TITLES.get(name, name), "not run", "", ""])
+            continue
+        with open(found[name]) as f:
+            result = json.load(f)
+        settings = result.get("settings") or {}
+        devices = ", ".join((result.get("machine") or {}).get("jax_devices") or [])
+        summary.append([TITLES.get(name, name), "quick" if settings.get("quick") else "full", result.get("started", ""), devices])
+    lines += [markdown_table(["suite", "mode", "run at", "JAX devices"], summary), ""]
+    for name in SUITES:
+        lines += [f"## {TITLES[name]}", ""]
+        if name not in found:
+            lines += [f"No results yet: `python benchmarks/run.py --suite {name}`.", ""]
+            continue
+        with open(found[name]) as f:
+            result = json.load(f)
+        lines += [run_line(name, result, found[name]), ""]
+        try:
+            lines += RENDERERS[name](result, plots)
+        except Exception as e:  # a results file of an older layout must not stop the page
+            lines += [f"(This results file could not be rendered: {type(e).__name__}: {_cell(e)}.)", ""]
+    for name in sorted(set(found) - set(SUITES)):
+        with open(found[name]) as f:
+            result = json.load(f)
+        lines += [f"## {name}", "", run_line(name, result, found[name]), "",
+                  "No renderer for this results file yet; see its Markdown next to it.", ""]
+    return "\n".join(lines).rstrip() + "\n", plots.written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=DEFAULT_RESULTS, help="folder of the suites' *.json")
+    parser.add_argument("--page", default=DEFAULT_PAGE, help="the Markdown page to write")
+    parser.add_argument("--images", default=DEFAULT_IMAGES, help="folder for the plots")
+    args = parser.parse_args(argv)
+    text, images = build_page(os.path.abspath(args.results), os.path.abspath(args.page), os.path.abspath(args.images))
+    write_atomic(args.page, text)
+    # The folder is this script's: plots of suites that have no results any more go.
+    for stale in set(glob.glob(os.path.join(os.path.abspath(args.images), "*.png"))) - {os.path.abspath(p) for p in images}:
+        os.remove(stale)
+    print(f"wrote {args.page} and {len(images)} plots in {args.images}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
