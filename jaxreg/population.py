@@ -31,6 +31,32 @@ def pair_sharding(devices=None) -> NamedSharding:
     return NamedSharding(Mesh(np.asarray(devices), ("pairs",)), PartitionSpec("pairs"))
 
 
+def _chosen_devices(devices) -> list:
+    """``devices`` as a list: an int n means the first n of ``jax.devices()``, and asking
+    for more than there are is an error, not a quiet run on fewer."""
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        available = jax.devices()
+        if devices < 1:
+            raise ValueError(f"devices must be a positive count or a list of devices; got {devices}")
+        if devices > len(available):
+            platform = available[0].platform
+            hint = (
+                f"; to test on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax is imported"
+                if platform == "cpu"
+                else ""
+            )
+            raise ValueError(
+                f"devices={devices} asks for {devices} devices but only {len(available)} {platform} "
+                f"device{'s are' if len(available) > 1 else ' is'} available "
+                f"({', '.join(str(d) for d in available)}){hint}"
+            )
+        return available[:devices]
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices is an empty list")
+    return devices
+
+
 def _check_batch(batch, name: str, ndim: int | None = None):
     batch = jnp.asarray(batch)
     if batch.ndim < 3:
@@ -46,8 +72,9 @@ def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, 
     ``stage`` is any of :mod:`jaxreg.registration`'s stage functions (or a function of
     ``(fixed, moving)`` returning a pytree); ``fixed`` and ``moving`` are arrays
     ``(pairs, *spatial)`` on one grid with voxel-to-world ``affine`` (default identity).
-    With ``devices`` (a list, or an int for the first n), the pairs are sharded across
-    them; the count of pairs must be a multiple of the device count. Returns the stage's
+    With ``devices`` (a list, or an int for the first n; more than ``jax.devices()`` holds
+    is a ValueError), the pairs are sharded across them; the count of pairs must be a
+    multiple of the device count. Returns the stage's
     result with a leading pairs axis on every array.
     """
     fixed = _check_batch(fixed, "fixed")
@@ -62,7 +89,7 @@ def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, 
     run = jax.jit(jax.vmap(one))
     if devices is None:
         return run(fixed, moving)
-    devices = jax.devices()[:devices] if isinstance(devices, int) else list(devices)
+    devices = _chosen_devices(devices)
     if fixed.shape[0] % len(devices):
         raise ValueError(f"{fixed.shape[0]} pairs cannot be split evenly over {len(devices)} devices")
     sharding = pair_sharding(devices)

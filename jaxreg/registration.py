@@ -20,8 +20,9 @@ Every stage takes an optional ``fixed_mask`` (weights of the similarity on the f
 grid) and ``landmarks=(fixed_points, moving_points)`` in world coordinates, whose mean
 squared distance after the transform (mm^2) is added with ``landmark_weight``.
 
-Everything is a pure function of arrays, so ``jax.vmap`` of a stage over a batch of
-same-shape pairs works as it is (see :mod:`jaxreg.population`).
+Everything is a pure function of arrays, so ``jax.vmap`` of a stage, or of
+:func:`register`, over a batch of same-shape pairs works as it is (see
+:mod:`jaxreg.population`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class Result(NamedTuple):
     convergence stop), ``stages`` names each level (``"svf@2"``: SVF stage at shrink 2).
     ``compile_seconds`` and ``run_seconds`` are None when the call was traced (under
     ``jit`` or ``vmap``), where nothing can be timed.
+
+    A pytree whose leaves are the arrays (and the timings); ``stages`` is static data of
+    the tree's structure, so a Result can leave ``jax.jit`` and ``jax.vmap``.
     """
 
     transform: Transform
@@ -82,6 +86,23 @@ class Result(NamedTuple):
     stages: tuple = ()
     compile_seconds: float | None = None
     run_seconds: float | None = None
+
+
+_RESULT_LEAVES = ("transform", "inverse", "warped", "losses", "compile_seconds", "run_seconds")
+
+
+def _flatten_result(result: Result):
+    children = tuple((jax.tree_util.GetAttrKey(name), getattr(result, name)) for name in _RESULT_LEAVES)
+    return children, result.stages
+
+
+def _unflatten_result(stages, children) -> Result:
+    return Result(**dict(zip(_RESULT_LEAVES, children)), stages=stages)
+
+
+# Registered explicitly, this NamedTuple is no longer flattened field by field: the stage
+# names (strings, not JAX types) become static data instead of leaves.
+jax.tree_util.register_pytree_with_keys(Result, _flatten_result, _unflatten_result)
 
 
 # ------------------------------------------------------------------------- optimisation
@@ -834,6 +855,10 @@ def register(
     images are registered after :func:`normalize_intensity`. The transform maps fixed
     world points to moving ones; ``result.warped`` is ``moving`` (as given) on the fixed
     grid.
+
+    ``jax.vmap(register)`` over same-shape pairs runs every pyramid level as one batched
+    program and returns one :class:`Result` with a leading pairs axis on every array
+    (the checks on image values are skipped on traced images, and nothing is timed).
     """
     fixed, moving = _check_pair(fixed, moving, constant=True)
     _similarity(similarity, None)  # an unknown name fails here, not after the affine stage

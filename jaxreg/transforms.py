@@ -1,6 +1,7 @@
 """Spatial transforms: pytrees that map world points ``(..., d)`` to world points.
 
-The contract every transform meets (see ``tests/test_transforms.py::TRANSFORM_CASES``):
+The contract every transform meets (checked for the dense ones over ``_transform_cases`` by
+``tests/test_transforms.py::test_dense_transforms_jit_vmap_grad``):
 
 - ``t(points)`` maps world points to world points, any leading shape;
 - ``t.mapped_points(grid)`` is ``t(grid.points())``, possibly computed faster;

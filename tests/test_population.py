@@ -54,6 +54,20 @@ def test_register_many_rejects_bad_batches():
         register_many(register_svf, jnp.ones((3, 8, 8)), jnp.ones((3, 8, 8)), devices=[jax.devices()[0]] * 2)
 
 
+def test_asking_for_more_devices_than_there_are_is_an_error():
+    # It used to run on jax.devices()[:4], i.e. quietly on the one CPU device there is.
+    count = len(jax.devices())
+    fixed = jnp.ones((2 * (count + 1),) + SHAPE)
+    with pytest.raises(ValueError, match=rf"devices={count + 1} asks for {count + 1} devices but only {count} "):
+        register_many(register_svf, fixed, fixed, devices=count + 1, **_options())
+    for bad, message in ((0, "positive count"), ([], "empty")):
+        with pytest.raises(ValueError, match=message):
+            register_many(register_svf, fixed, fixed, devices=bad, **_options())
+    # as many as there are is fine, and the result lives on them
+    velocity, _ = register_many(register_svf, fixed[:count], fixed[:count], devices=count, **_options())
+    assert velocity.field.sharding.device_set == set(jax.devices())
+
+
 def test_sharded_over_four_cpu_devices_equals_one_device():
     script = textwrap.dedent(
         """

@@ -121,6 +121,59 @@ def test_gradients_are_finite_on_constant_images(name, shape):
     assert np.isfinite(float(loss(constant, constant)))
 
 
+def soft_mask_with_zeros(shape, seed=5):
+    """half_mask times random weights in [0.2, 1]: the last 40% of axis 0 is zero, deep
+    enough that whole LNCC and SSIM windows there have no weight."""
+    return (half_mask(shape) * np.random.default_rng(seed).uniform(0.2, 1.0, shape)).astype(np.float32)
+
+
+# The losses whose value is smooth in every weight, zero weights included (the others
+# drop voxels near a zero weight, ngf and mind by erosion, the auto-range ones from the
+# min/max: a step in the value, and no derivative to check).
+SMOOTH_IN_THE_MASK = ["mse", "ssd", "ncc", "lncc_box", "lncc_gaussian", "mi", "nmi", "ssim"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradient_wrt_a_mask_with_zeros_is_finite(name, shape):
+    # A zero window sum used to give 1/max(0, tiny), whose derivative overflows: NaN
+    # (lncc, ssim), and a NaN mask gradient breaks register_syn, which warps the mask.
+    loss = make(name)
+    warped, fixed = smooth_image(shape, 0), smooth_image(shape, 1)
+    for mask in (soft_mask_with_zeros(shape), np.zeros(shape, np.float32)):
+        grad = assert_finite_grad(lambda w: loss(warped, fixed, w), mask)
+        assert np.any(grad != 0) or not mask.any()
+    # and the image gradient stays finite with such a mask
+    assert_finite_grad(lambda x: loss(x, fixed, soft_mask_with_zeros(shape)), warped)
+
+
+@pytest.mark.parametrize("name", SMOOTH_IN_THE_MASK)
+def test_gradient_wrt_a_mask_with_zeros_matches_finite_differences(name):
+    # One voxel at a time (a random direction over many zero weights is not a
+    # differentiable path: a window whose weights sum to +-h divides by h), in float64:
+    # a voxel deep in the zero region, one at its border, one of positive weight.
+    shape = (24, 20)
+    loss = make(name)
+    warped, fixed = smooth_image(shape, 0), smooth_image(shape, 1)
+    mask = soft_mask_with_zeros(shape)
+    voxels = [(21, 10), (14, 3), (5, 7)]
+    assert mask[voxels[0]] == 0 and mask[voxels[1]] == 0 and mask[voxels[2]] > 0
+    with jax.enable_x64(True):
+        a, b, w = (jnp.asarray(x, jnp.float64) for x in (warped, fixed, mask))
+        f = jax.jit(lambda w: loss(a, b, w))
+        grad = np.asarray(jax.jit(jax.grad(lambda w: loss(a, b, w)))(w))
+        h = 1e-5
+        for voxel in voxels:
+            step = jnp.zeros(shape, jnp.float64).at[voxel].set(h)
+            numeric = (float(f(w + step)) - float(f(w - step))) / (2 * h)
+            np.testing.assert_allclose(grad[voxel], numeric, rtol=1e-4, atol=1e-8, err_msg=str(voxel))
+        if name == "mse":
+            # analytic: d/dw_i [sum(w e) / sum(w)] = (e_i - mse) / sum(w), e = (a - b)**2
+            e = np.asarray((a - b) ** 2)
+            expected = (e - float(f(w))) / float(jnp.sum(w))
+            np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_zero_weight_voxels_do_not_change_the_value(name, shape):

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -303,3 +306,18 @@ def test_errors_name_the_problem():
         invert(BSpline.zeros(grid, 5.0))
     with pytest.raises(ValueError, match="different ranks"):
         Compose([Affine.identity(2), Affine.identity(3)])
+
+
+def test_test_references_in_the_package_docstrings_exist():
+    # ``tests/<file>.py::<name>`` in a docstring must name a function or variable that
+    # is there (transforms.py pointed at a TRANSFORM_CASES that never existed).
+    root = Path(__file__).resolve().parents[1]
+    references = [
+        (source, path, name)
+        for source in sorted((root / "jaxreg").rglob("*.py"))
+        for path, name in re.findall(r"(tests/[\w/]+\.py)::(\w+)", source.read_text())
+    ]
+    assert references  # the pattern still finds the ones there are
+    for source, path, name in references:
+        text = (root / path).read_text()
+        assert re.search(rf"^(def {name}\(|{name}\s*=)", text, re.MULTILINE), f"{source.name} cites {path}::{name}, not in {path}"

@@ -6,7 +6,8 @@ Every factory takes its settings (keyword-only) and returns
 
 for ONE pair of scalar images of the same shape and any spatial rank (batches and channels
 come from ``jax.vmap``). Lower is better. ``mask`` holds non-negative weights broadcastable
-to the image; means are weighted, ``sum(w * x) / max(sum(w), tiny)``. Where a loss looks at
+to the image; means are weighted, ``sum(w * x) / sum(w)`` (0 where no voxel has weight, with
+a finite gradient with respect to the weights there too). Where a loss looks at
 neighbourhoods (``lncc``, ``ssim``) the window statistics are weighted too, and where it
 takes differences (``ngf``, ``mind_ssc``) a voxel counts only if every voxel its stencil
 touches has weight > 0: either way, voxels of weight 0 never change the value. Integer
@@ -77,10 +78,22 @@ def _tiny(dtype):
     return float(jnp.finfo(dtype).tiny)
 
 
+def _divide(num, den):
+    """``num / den`` where ``den`` is a normal positive number, else 0; finite gradients.
+
+    The plain guard ``num / max(den, tiny)`` has the derivative ``-num / max(den, tiny)**2``,
+    which overflows to -inf where ``den`` is 0 (a window or a mask without weight), and
+    inf times a zero cotangent is NaN. The double ``where`` divides only where ``den`` is
+    large enough and gives 0, with zero gradient, elsewhere.
+    """
+    large = den > _tiny(den.dtype)
+    return jnp.where(large, num / jnp.where(large, den, 1.0), 0.0)
+
+
 def _wmean(x, w):
     if w is None:
         return jnp.mean(x)
-    return jnp.sum(w * x) / jnp.maximum(jnp.sum(w), _tiny(x.dtype))
+    return _divide(jnp.sum(w * x), jnp.sum(w))
 
 
 def _safe_sqrt(s):
@@ -241,7 +254,7 @@ def lncc(*, radius=4, window: str = "box", eps: float = 1e-5):
         ones = jnp.ones_like(a) if w is None else w
         stats = jnp.stack([ones, ones * a, ones * b, ones * a * a, ones * b * b, ones * a * b], axis=-1)
         sums = _local_sums(stats, radii, window, ndim)
-        inv = 1.0 / jnp.maximum(sums[..., 0], _tiny(a.dtype))
+        inv = _divide(1.0, sums[..., 0])
         mean_a, mean_b = sums[..., 1] * inv, sums[..., 2] * inv
         var_a = jnp.maximum(sums[..., 3] * inv - mean_a * mean_a, 0.0)
         var_b = jnp.maximum(sums[..., 4] * inv - mean_b * mean_b, 0.0)
@@ -300,7 +313,7 @@ def _soft_joint(a, b, w, bins, sigma, range_a, range_b):
     else:
         w = w.reshape(-1)
         joint = jnp.matmul((w[:, None] * pa).T, pb, precision=jax.lax.Precision.HIGHEST)
-        joint = joint / jnp.maximum(jnp.sum(w), _tiny(a.dtype))
+        joint = _divide(joint, jnp.sum(w))
     return joint
 
 
@@ -347,7 +360,7 @@ def mutual_information(*, bins: int = 32, sigma=None, normalized: bool = False, 
         a, b, w = _prepare(warped, fixed, mask)
         h_a, h_b, h_ab = _entropies(_soft_joint(a, b, w, bins, sigma, range_a, range_b))
         if normalized:
-            return 2.0 - (h_a + h_b) / jnp.maximum(h_ab, _tiny(h_ab.dtype))
+            return 2.0 - _divide(h_a + h_b, h_ab)
         return h_ab - h_a - h_b
 
     return loss
@@ -389,7 +402,8 @@ def ssim_map(warped, fixed, mask=None, *, sigma=1.5, data_range=None, k1: float 
     the image (and weighted by ``mask``), population (not sample) statistics. Away from the
     border this is ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
     use_sample_covariance=False, full=True)[1]``. ``data_range`` defaults to the max - min of
-    ``fixed`` (masked, no gradient; 1 for a constant image).
+    ``fixed`` (masked, no gradient; 1 for a constant image). Where the mask leaves a
+    window no weight at all, the statistics are the centre voxel's alone (variance 0).
     """
     a, b, w = _prepare(warped, fixed, mask)
     ndim = a.ndim
@@ -404,11 +418,16 @@ def ssim_map(warped, fixed, mask=None, *, sigma=1.5, data_range=None, k1: float 
     ones = jnp.ones_like(a) if w is None else w
     stats = jnp.stack([ones, ones * a, ones * b, ones * a * a, ones * b * b, ones * a * b], axis=-1)
     sums = filters.gaussian_smooth(stats, sigmas, ndim=ndim, truncate=3.5, mode="constant")
-    inv = 1.0 / jnp.maximum(sums[..., 0], _tiny(a.dtype))
-    mean_a, mean_b = sums[..., 1] * inv, sums[..., 2] * inv
-    var_a = jnp.maximum(sums[..., 3] * inv - mean_a * mean_a, 0.0)
-    var_b = jnp.maximum(sums[..., 4] * inv - mean_b * mean_b, 0.0)
-    cov = sums[..., 5] * inv - mean_a * mean_b
+    # A window without weight takes its centre voxel's own statistics (mean = the voxel,
+    # no variance): the limit as that voxel's weight goes to 0, so the gradient with
+    # respect to the mask is the derivative of the value there too.
+    empty = sums[..., 0] <= _tiny(a.dtype)
+    inv = _divide(1.0, sums[..., 0])
+    mean_a = jnp.where(empty, a, sums[..., 1] * inv)
+    mean_b = jnp.where(empty, b, sums[..., 2] * inv)
+    var_a = jnp.where(empty, 0.0, jnp.maximum(sums[..., 3] * inv - mean_a * mean_a, 0.0))
+    var_b = jnp.where(empty, 0.0, jnp.maximum(sums[..., 4] * inv - mean_b * mean_b, 0.0))
+    cov = jnp.where(empty, 0.0, sums[..., 5] * inv - mean_a * mean_b)
     num = (2 * mean_a * mean_b + c1) * (2 * cov + c2)
     den = (mean_a * mean_a + mean_b * mean_b + c1) * (var_a + var_b + c2)
     return num / den
