@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 
 from jaxreg import differential, metrics as _metrics

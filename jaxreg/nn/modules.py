@@ -228,10 +228,11 @@ class TwoStep(nnx.Module):
 class Multistep(nnx.Module):
     """One network applied ``steps`` times with the same weights, a learned iterative optimizer.
 
-    Step ``k`` warps the moving image with the map so far, looks at the warped image and
-    the fixed one, and composes its correction on the right, as ``TwoStep(net,
-    TwoStep(net, ...))`` does. The map is kept as a displacement on the fixed grid,
-    ``u_k(x) = c_k(x) + u_{k-1}(x + c_k(x))``: exact at the voxel centres, linearly
+    Step ``k`` warps the ORIGINAL moving image with the map so far, looks at the warped
+    image and the fixed one, and composes its correction on the right, as the left chain
+    ``TwoStep(TwoStep(TwoStep(net, net), net), ...)`` does (ICON's nested
+    ``TwoStepRegistration(net, net)``); moving images are never resampled twice. The map
+    is kept as a displacement on the fixed grid, ``u_k(x) = c_k(x) + u_{k-1}(x + c_k(x))``: exact at the voxel centres, linearly
     interpolated between them. The steps run in a ``lax.scan``, so the program (and its
     compile time) does not grow with ``steps``, and XLA cannot fuse one step's
     interpolation into the next one's and recompute it per tap (see :mod:`jaxreg.sampling`),
@@ -256,7 +257,8 @@ class Multistep(nnx.Module):
             return u, u
 
         # Recomputing a step in the backward pass is cheaper than storing its gathered
-        # patches for every step (measured 1.2-1.4x on 128 MNIST pairs x 8 steps).
+        # patches and activations for every step: 85 ms against 99 ms (saving all) and
+        # 107 ms (saving the matmuls) per gradient of 128 MNIST pairs x 8 steps, 2 cores.
         _, rest = jax.lax.scan(jax.checkpoint(step), first, None, length=self.steps - 1)
         return jnp.concatenate([first[None], rest], axis=0)
 

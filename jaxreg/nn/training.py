@@ -25,7 +25,6 @@ axis; the loss is the mean over pairs of ``loss_fn(net, pair)`` (see
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
