@@ -125,8 +125,8 @@ def _style(ax, xlabel: str, ylabel: str, *, xlog=False, ylog=False, size: int = 
 class Plots:
     """Writes PNGs into ``folder`` and returns Markdown image links relative to the page."""
 
-    def __init__(self, folder: str, page: str):
-        self.folder, self.page = folder, page
+    def __init__(self, folder: str, page: str, prefix: str = ""):
+        self.folder, self.page, self.prefix = folder, page, prefix
         self.written: list[str] = []
         try:
             import matplotlib
@@ -143,6 +143,7 @@ class Plots:
 
     def save(self, fig, name: str, alt: str, *, bottom: float = 0.0) -> str:
         os.makedirs(self.folder, exist_ok=True)
+        name = self.prefix + name
         path = os.path.join(self.folder, name)
         fig.tight_layout(rect=(0, bottom, 1, 1))
         fig.savefig(path, dpi=DPI)
@@ -453,8 +454,20 @@ def build_page(results_dir: str, page: str, images: str) -> tuple[str, list[str]
     for name in sorted(set(found) - set(SUITES)):
         with open(found[name]) as f:
             result = json.load(f)
-        lines += [f"## {name}", "", run_line(name, result, found[name]), "",
-                  "No renderer for this results file yet; see its Markdown next to it.", ""]
+        # "<suite>-<what>.json": a later partial run of a suite (e.g. pairwise-oasis3d, one case
+        # rerun after a change) is drawn by that suite's renderer under its own heading.
+        suite = name.split("-", 1)[0]
+        lines += [f"## {TITLES.get(suite, suite)}: {name.split('-', 1)[1]}" if suite in RENDERERS and "-" in name else f"## {name}", "",
+                  run_line(name, result, found[name]), ""]
+        if suite in RENDERERS and "-" in name:
+            named = Plots(images, page, prefix=name + "_")
+            try:
+                lines += RENDERERS[suite](result, named)
+                plots.written += named.written
+            except Exception as e:
+                lines += [f"(This results file could not be rendered: {type(e).__name__}: {_cell(e)}.)", ""]
+        else:
+            lines += ["No renderer for this results file yet; see its Markdown next to it.", ""]
     return "\n".join(lines).rstrip() + "\n", plots.written
 
 
