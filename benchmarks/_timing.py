@@ -132,3 +132,16 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def optional(value, spec: str) -> str:
+    """``format(value, spec)``, or an empty cell for None."""
+    return "" if value is None else format(value, spec)
+
+
+def milliseconds(seconds) -> str:
+    """Seconds as milliseconds with 3-4 significant digits; empty for None."""
+    if seconds is None:
+        return ""
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"

@@ -217,15 +217,7 @@ def run_kernels(sizes, n: int) -> list[dict]:
 # ============================================================================== report
 
 
-def _f(value, spec):
-    return "" if value is None else format(value, spec)
-
-
-def _ms(seconds):
-    if seconds is None:
-        return ""
-    ms = seconds * 1e3
-    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
+from benchmarks._timing import milliseconds as _ms, optional as _f  # noqa: E402
 
 
 def render(result: dict) -> str:

@@ -6,7 +6,9 @@ the ones already here (see docs/extending.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import jax
@@ -77,3 +79,22 @@ def assert_finite_grad(f, x):
     for leaf in jax.tree_util.tree_leaves(grad):
         assert np.all(np.isfinite(np.asarray(leaf))), "gradient has NaN or Inf"
     return grad
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """TimeoutError if the block runs longer than ``seconds`` (where SIGALRM exists)."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fail(*_):
+        raise TimeoutError(f"took longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -17,9 +17,7 @@ check the command runs — refuses them.
 from __future__ import annotations
 
 import collections
-import contextlib
 import gzip
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -31,27 +29,10 @@ import pytest
 from jaxreg import io
 from jaxreg.grid import Image
 
+from helpers import time_limit
+
 CASES = 400  # per format
 HEADER_BYTES = 352  # 348-byte NIfTI-1 header + 4-byte extension flag
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """TimeoutError if the block runs longer than ``seconds`` (where SIGALRM exists)."""
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def fail(*_):
-        raise TimeoutError(f"took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # Header fields and their (dtype, byte offset) in a NIfTI-1 header.

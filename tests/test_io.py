@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import os
-import signal
 import tempfile
 import time
 import warnings
@@ -21,6 +18,8 @@ from hypothesis import strategies as st
 
 from jaxreg import io
 from jaxreg.grid import Image
+
+from helpers import time_limit
 from tests.helpers import shared_data
 
 FORMATS = [".nii", ".nii.gz", ".mgz", ".mha"]
@@ -49,24 +48,6 @@ def affine_tolerance(ext):
     # NIfTI keeps the float32 matrix in the sform exactly; MGH stores spacing, unit
     # directions and the centre, which recombine to within float32 rounding.
     return dict(rtol=0, atol=0) if ext.startswith(".nii") else dict(rtol=1e-5, atol=1e-4)
-
-
-@contextlib.contextmanager
-def time_limit(seconds):
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def fail(*_):
-        raise TimeoutError(f"took longer than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def listing(folder):
