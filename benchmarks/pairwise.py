@@ -30,9 +30,16 @@ time, so wall time and peak memory are its own and a crashing peer costs one row
   ``pip install fireants`` (pure Python; it adds SimpleITK 2.2.1, hydra-core, omegaconf and
   tqdm, and no CUDA when a CPU torch is installed), or put a ``pip install --target DIR``
   folder on ``PYTHONPATH``.
+- ``syntx-jax`` / ``syntx-torch``: syntx (``pip install syntx``; SyN in JAX or PyTorch on
+  ANTsImages) ``syntx.syn(fixed, moving, type_of_transform="SyN", backend="jax"|"pytorch")``
+  with its defaults (torch on ``device="cpu"``, threads = cores), skipped with the reason when
+  ``import syntx`` fails. syntx 5.4.15 imports ``antstorch`` at the top level (not on PyPI,
+  not a declared dependency, unused by ``syn``): when it is missing an empty placeholder
+  module stands in, noted in the row's settings. It writes ANTs files (``1Warp.nii.gz``,
+  ``0GenericAffine.mat``), used exactly as ``ants-syn``'s.
 
 Every method's labels are warped through its own transform with nearest-neighbour
-interpolation (jaxreg ``warp(order=0)``, ``ants.apply_transforms(nearestNeighbor)``,
+interpolation (jaxreg ``warp(order=0)``, ``ants.apply_transforms(nearestNeighbor)`` for ANTs and syntx,
 FireANTs ``grid_sample(mode="nearest")``); all scores are then computed the same way, here,
 with ``jaxreg.metrics``. See the Markdown header for what each number means.
 """
@@ -66,7 +73,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 DEFAULT_OUT = os.path.join(HERE, "results")
 
 CASES = ("oasis3d", "oasis2d", "headct", "brain2mm")
-METHODS = ("jaxreg", "jaxreg-cached", "ants-syn", "ants-affine", "fireants")
+METHODS = ("jaxreg", "jaxreg-cached", "ants-syn", "ants-affine", "fireants", "syntx-jax", "syntx-torch")
 REFERENCE = "ants-syn"  # ratios and differences are against this method
 QUICK_FACTOR = 2  # --quick: every input downsampled by this factor
 
@@ -80,6 +87,13 @@ FIREANTS = dict(
 )
 FIREANTS_QUICK = dict(affine_iterations=(50, 25, 10), greedy_iterations=(40, 20, 5))
 ANTS_QUICK = dict(reg_iterations=(20, 10, 0), aff_iterations=(200, 100, 50, 0))
+# syntx settings: `syntx.syn(fixed, moving, type_of_transform="SyN", backend=...)`, its
+# ants.registration-style entry point, with everything else at syntx's defaults (levels 4,2,1;
+# affine iterations 100,50,20 with Mattes MI; SyN iterations 100,100,50 with CC radius 2;
+# grad_step 0.5 voxel; flow_sigma 3 / total_sigma 0 in ITK's variance convention). Note that
+# its regularizer default differs by backend: 'sobolev' for pytorch, 'gaussian' for jax.
+SYNTX = dict(type_of_transform="SyN")
+SYNTX_QUICK = dict(reg_iterations=(50, 50, 25), affine_iterations=(50, 25, 10))
 
 
 class Skip(Exception):
@@ -188,35 +202,45 @@ def _worker_jaxreg(spec, data):
     )
 
 
+def _ants_image(ants, array, affine):
+    """An ANTsImage of ``array`` with the LPS geometry of a RAS ``affine``."""
+    origin, spacing, direction = _lps_geometry(affine)
+    return ants.from_numpy(np.asarray(array, np.float32), origin=list(origin), spacing=list(spacing), direction=direction)
+
+
+def _timed_ants_style(ants, register, fixed, data):
+    """Time ``register()`` (a call returning an ``ants.registration``-style dict), then warp
+    the moving labels through its ``fwdtransforms`` with nearest neighbour, the same way for
+    ANTs and for tools that write ANTs transform files (syntx)."""
+    rss_before = _max_rss_mib()
+    start = time.perf_counter()
+    reg = register()
+    wall = time.perf_counter() - start
+    peak = _max_rss_mib()
+    forward = list(reg["fwdtransforms"])
+    outputs = {"warped": reg["warpedmovout"].numpy().astype(np.float32)}
+    if "moving_seg" in data:
+        labels = _ants_image(ants, data["moving_seg"], data["moving_affine"])
+        warped = ants.apply_transforms(fixed, labels, forward, interpolator="nearestNeighbor")
+        outputs["warped_seg"] = np.rint(warped.numpy()).astype(np.int32)
+    return reg, forward, outputs, dict(wall_s=wall, rss_before_mib=rss_before, peak_rss_mib=peak, transform_files=forward)
+
+
 def _worker_ants(spec, data):
     try:
         import ants
     except ImportError as e:
         raise Skip(f"import ants failed: {e}") from None
 
-    def image(array, affine):
-        origin, spacing, direction = _lps_geometry(affine)
-        return ants.from_numpy(np.asarray(array, np.float32), origin=list(origin), spacing=list(spacing), direction=direction)
-
-    fixed = image(data["fixed"], data["fixed_affine"])
-    moving = image(data["moving"], data["moving_affine"])
+    fixed = _ants_image(ants, data["fixed"], data["fixed_affine"])
+    moving = _ants_image(ants, data["moving"], data["moving_affine"])
     kind = spec["type_of_transform"]
     options = {}
     if spec["quick"]:
         options = dict(reg_iterations=ANTS_QUICK["reg_iterations"]) if kind == "SyN" else dict(aff_iterations=ANTS_QUICK["aff_iterations"])
     prefix = os.path.join(spec["out"], "ants_")
-    rss_before = _max_rss_mib()
-    start = time.perf_counter()
-    reg = ants.registration(fixed, moving, type_of_transform=kind, outprefix=prefix, **options)
-    wall = time.perf_counter() - start
-    peak = _max_rss_mib()
-
-    forward = list(reg["fwdtransforms"])
-    outputs = {"warped": reg["warpedmovout"].numpy().astype(np.float32)}
-    if "moving_seg" in data:
-        labels = image(data["moving_seg"], data["moving_affine"])
-        warped = ants.apply_transforms(fixed, labels, forward, interpolator="nearestNeighbor")
-        outputs["warped_seg"] = np.rint(warped.numpy()).astype(np.int32)
+    register = lambda: ants.registration(fixed, moving, type_of_transform=kind, outprefix=prefix, **options)  # noqa: E731
+    reg, forward, outputs, timing = _timed_ants_style(ants, register, fixed, data)
     extra = {}
     fields = [f for f in forward if f.endswith((".nii.gz", ".nii"))]
     if fields:
@@ -227,10 +251,7 @@ def _worker_ants(spec, data):
         outputs["jacdet_ants_composite"] = ants.create_jacobian_determinant_image(fixed, composite).numpy().astype(np.float32)
         extra = dict(ants_warp_file=fields[0], ants_composite_file=composite)
     return outputs, dict(
-        wall_s=wall,
-        rss_before_mib=rss_before,
-        peak_rss_mib=peak,
-        transform_files=forward,
+        **timing,
         settings=dict(type_of_transform=kind, overrides={k: list(v) for k, v in options.items()},
                       threads=os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"),
                       random_seed=os.environ.get("ANTS_RANDOM_SEED")),
@@ -312,7 +333,83 @@ def _worker_fireants(spec, data):
     )
 
 
-WORKERS = {"jaxreg": _worker_jaxreg, "ants": _worker_ants, "fireants": _worker_fireants}
+def _import_syntx():
+    """``import syntx``; returns (module, note). syntx 5.4.15's ``__init__`` imports
+    ``syntx.surface``, which does a top-level ``import antstorch`` (ANTsTorch, not on PyPI and
+    not a declared dependency of syntx). antstorch is only used by its surface-curvature,
+    sulcal-guidance and denoising helpers, none of which ``syntx.syn(..., type_of_transform="SyN")``
+    calls with its defaults; so when antstorch is missing an empty placeholder module is put in
+    ``sys.modules`` (any attribute use raises) and the fact is recorded in the row's settings."""
+    try:
+        import syntx
+
+        return syntx, None
+    except ModuleNotFoundError as e:
+        if e.name != "antstorch":
+            raise
+    import types
+
+    class _Missing(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):  # inspect.getmodule() probes __file__ etc. of every module
+                raise AttributeError(name)
+            raise ImportError(f"antstorch is not installed (placeholder module; antstorch.{name} was used)")
+
+    sys.modules["antstorch"] = _Missing("antstorch")
+    for name in [m for m in sys.modules if m == "syntx" or m.startswith("syntx.")]:
+        del sys.modules[name]
+    import syntx
+
+    return syntx, "antstorch missing: an empty placeholder module was used for syntx's top-level import"
+
+
+def _worker_syntx(spec, data):
+    backend = spec["backend"]
+    if backend == "pytorch":
+        try:
+            import torch
+        except Exception as e:
+            raise Skip(f"import torch failed: {type(e).__name__}: {e}") from None
+        torch.set_num_threads(spec["threads"])
+    try:
+        import ants
+
+        syntx, stub_note = _import_syntx()
+    except Exception as e:  # ImportError, or a dependency that fails on import
+        raise Skip(f"import syntx failed: {type(e).__name__}: {e}") from None
+
+    fixed = _ants_image(ants, data["fixed"], data["fixed_affine"])
+    moving = _ants_image(ants, data["moving"], data["moving_affine"])
+    options = dict(SYNTX)
+    if backend == "pytorch":
+        options["device"] = "cpu"
+    if spec["quick"]:
+        options.update(SYNTX_QUICK)
+    prefix = os.path.join(spec["out"], "syntx_")
+    if backend == "jax":
+        import jax
+
+        jax.numpy.zeros(1).block_until_ready()  # the backend is up before the clock starts
+    register = lambda: syntx.syn(fixed, moving, backend=backend, outprefix=prefix, **options)  # noqa: E731
+    reg, forward, outputs, timing = _timed_ants_style(ants, register, fixed, data)
+    versions = {}
+    for name in ("syntx", "torch", "jax", "antspyx"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return outputs, dict(
+        **timing,
+        settings=dict(backend=backend, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                      torch_threads=torch.get_num_threads() if backend == "pytorch" else None,
+                      import_note=stub_note,
+                      syn_losses_last=(reg.get("syn_losses") or [None])[-1],
+                      inverse_identity_errors=reg.get("inverse_identity_errors")),
+        versions=versions,
+    )
+
+
+WORKERS = {"jaxreg": _worker_jaxreg, "ants": _worker_ants, "fireants": _worker_fireants, "syntx": _worker_syntx}
 
 
 def worker_main(spec_path: str) -> int:
@@ -497,14 +594,17 @@ def method_env(method: str, threads: int) -> dict:
     if method.startswith("ants"):
         env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
         env["ANTS_RANDOM_SEED"] = "1"
-    if method == "fireants":
+    if method in ("fireants", "syntx-torch"):
         env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 
 def method_spec(method: str, pair: Pair, inputs: str, quick: bool, threads: int) -> dict:
-    kind = {"jaxreg": "jaxreg", "jaxreg-cached": "jaxreg", "ants-syn": "ants", "ants-affine": "ants", "fireants": "fireants"}[method]
+    kind = {"jaxreg": "jaxreg", "jaxreg-cached": "jaxreg", "ants-syn": "ants", "ants-affine": "ants", "fireants": "fireants",
+            "syntx-jax": "syntx", "syntx-torch": "syntx"}[method]
     spec = dict(method=method, kind=kind, inputs=inputs, quick=quick, preset=pair.preset, threads=threads)
+    if kind == "syntx":
+        spec["backend"] = "jax" if method == "syntx-jax" else "pytorch"
     if method == "ants-syn":
         spec["type_of_transform"] = "SyN"
     elif method == "ants-affine":
@@ -696,7 +796,7 @@ def _machine(threads) -> dict:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
-    for dist in ("antspyx", "fireants", "SimpleITK", "optax"):
+    for dist in ("antspyx", "fireants", "SimpleITK", "optax", "syntx"):
         try:
             info[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -713,14 +813,14 @@ def render(result) -> str:
         f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), {m['cores_available']} cores available "
         f"(os.cpu_count() = {m['cpu_count']}), {m.get('mem_total_gib', '?')} GiB RAM; {result['started']}",
         f"- software: jax {m['jax']} (jaxlib {m['jaxlib']}, {', '.join(m['jax_devices'])}), antspyx {m['antspyx']}, "
-        f"fireants {m['fireants']}, torch {m['torch']}, python {m['python']}",
+        f"fireants {m['fireants']}, syntx {m.get('syntx')}, torch {m['torch']}, python {m['python']}",
         f"- code: jaxreg at {code['commit'][:10] or '?'}{dirty}; load average (1 min) "
         f"{result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end; total {result['total_s']:.0f} s",
         f"- inputs: {result['settings']['inputs']}",
         "- protocol: each method runs alone in a fresh process (`--worker`). **wall s**: the registration call only "
         "(jaxreg `register()` until every output array is ready, tracing and XLA compilation included; "
         "`ants.registration()`, which writes its transform files; FireANTs affine + greedy `optimize()` and the warped "
-        "image), not the imports or data loading. **compile s** / **run s**: jaxreg's `Result.compile_seconds` "
+        "image; `syntx.syn()`, which also writes its transform files and warps both images), not the imports or data loading. **compile s** / **run s**: jaxreg's `Result.compile_seconds` "
         "(lower + compile of every pyramid level) and `Result.run_seconds` (the compiled levels running); the rest of "
         "wall is eager work (pyramids, the inverse, the final warp). **jaxreg-cached**: JAX persistent compilation cache "
         "in a fresh folder, filled by one process, then a second fresh process is timed (reported). "
@@ -735,7 +835,7 @@ def render(result) -> str:
         "**NCC** = Pearson correlation of the fixed image and the warped moving image (linear interpolation) "
         "over the stated mask. **% folds** = % of fixed-grid voxels where the Jacobian determinant of the whole "
         "transform (affine and deformable) is <= 0, by `jaxreg.transforms.jacobian_determinant` (central "
-        "differences in mm) -- for ANTs on its `fwdtransforms` files read by `jaxreg.itk.read_transforms`, for "
+        "differences in mm) -- for ANTs and syntx on their `fwdtransforms` files read by `jaxreg.itk.read_transforms`, for "
         "FireANTs on the world points its `get_warped_coordinates` maps the fixed voxels to. "
         f"**× {REFERENCE}** = wall / {REFERENCE} wall of the same direction; **ΔDice**, **ΔNCC** = method - {REFERENCE}.",
         "",
@@ -896,8 +996,9 @@ def main(argv=None):
             "hd95": not args.no_hd95, "timeout_s": args.timeout, "threads": threads,
             "inputs": (f"downsampled by {QUICK_FACTOR} (Gaussian sigma {QUICK_FACTOR / 2} voxels, then every "
                        f"{QUICK_FACTOR}nd voxel; labels every {QUICK_FACTOR}nd voxel); jaxreg steps halved, "
-                       f"ANTs {ANTS_QUICK}, FireANTs {FIREANTS_QUICK}") if args.quick else "full resolution, default settings",
+                       f"ANTs {ANTS_QUICK}, FireANTs {FIREANTS_QUICK}, syntx {SYNTX_QUICK}") if args.quick else "full resolution, default settings",
             "fireants": FIREANTS,
+            "syntx": dict(SYNTX, quick=SYNTX_QUICK if args.quick else None),
         },
         "cases": [],
     }
