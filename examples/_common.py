@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -94,12 +93,11 @@ def timed(fn, *args):
 
 def write_metrics(out: Path, result: dict) -> Path:
     """Write ``result`` to ``out/metrics.json`` atomically; returns the path."""
+    from jaxreg.io import write_atomically
+
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out, suffix=".tmp", delete=False) as handle:
-        json.dump(result, handle, indent=2)
-    path = out / "metrics.json"
-    os.replace(handle.name, path)
-    return path
+    # write_atomically gives the file ordinary permissions (a NamedTemporaryFile is 0600).
+    return write_atomically(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)), overwrite=True)
 
 
 def print_metrics(result: dict, written=()):
