@@ -32,6 +32,17 @@ def oasis_path(subject: int, name: str) -> Path:
     return OASIS / f"OASIS_OAS1_{subject:04d}_MR1" / name
 
 
+def synthetic_pair(seed: int, shape, amplitude) -> dict:
+    """:func:`warped_blobs` as the dict the scoring helpers take (``scores(..., **pair)``)."""
+    fixed, fixed_labels, moving, moving_labels, truth = warped_blobs(jax.random.PRNGKey(seed), tuple(shape), amplitude)
+    return dict(fixed=fixed, fixed_labels=fixed_labels, moving=moving, moving_labels=moving_labels, truth=truth)
+
+
+def level_steps(steps: int, levels: int) -> tuple[int, ...]:
+    """``steps`` at the coarsest pyramid level and 0.6x that at each finer one (at least 1)."""
+    return tuple(max(1, round(steps * 0.6**level)) for level in range(levels))
+
+
 @functools.partial(jax.jit, static_argnames="shape")  # one program, not op-by-op dispatch
 def warped_blobs(key, shape, amplitude):
     """A synthetic pair with a known warp: ``(fixed, fixed_labels, moving, moving_labels, truth)``.

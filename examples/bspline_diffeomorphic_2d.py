@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from _common import plt_figure, print_metrics, scores, timed, warped_blobs, write_metrics
+from _common import level_steps, plt_figure, print_metrics, scores, synthetic_pair, timed, write_metrics
 from jaxreg import registration, viz
 from jaxreg.grid import Grid, Image
 from jaxreg.losses import regularizers, similarity
@@ -84,11 +84,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     shape = (args.size, args.size)
-    fixed, fixed_labels, moving, moving_labels, truth = warped_blobs(jax.random.PRNGKey(args.seed), shape, args.amplitude)
-    pair = dict(fixed=fixed, fixed_labels=fixed_labels, moving=moving, moving_labels=moving_labels, truth=truth)
+    pair = synthetic_pair(args.seed, shape, args.amplitude)
+    fixed, moving = pair["fixed"], pair["moving"]
 
     # 1. Free-form deformation: the library stage.
-    steps = tuple(max(1, round(args.steps * 0.6**level)) for level in range(len(args.pyramid)))
+    steps = level_steps(args.steps, len(args.pyramid))
     start = time.perf_counter()
     ffd, _ = registration.register_bspline(
         fixed, moving, similarity_loss="mse", regularization=0.01, control_spacing=args.control_spacing, shrink=tuple(args.pyramid), steps=steps, learning_rate=0.2

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from _common import print_metrics, scores, timed, warped_blobs, write_metrics
+from _common import level_steps, print_metrics, scores, synthetic_pair, timed, write_metrics
 from jaxreg import registration, viz
 from jaxreg.filters import gaussian_smooth
 from jaxreg.grid import Grid, Image
@@ -72,11 +72,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     shape = (args.size, args.size)
-    fixed, fixed_labels, moving, moving_labels, truth = warped_blobs(jax.random.PRNGKey(args.seed), shape, args.amplitude)
-    pair = dict(fixed=fixed, fixed_labels=fixed_labels, moving=moving, moving_labels=moving_labels, truth=truth)
+    pair = synthetic_pair(args.seed, shape, args.amplitude)
+    fixed, moving = pair["fixed"], pair["moving"]
 
     # 1. The library stage.
-    steps = tuple(max(1, round(args.steps * 0.6**level)) for level in range(len(args.pyramid)))
+    steps = level_steps(args.steps, len(args.pyramid))
     start = time.perf_counter()
     greedy, losses = registration.register_greedy(
         fixed,
