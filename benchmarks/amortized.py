@@ -281,6 +281,35 @@ def busy_note(result: dict) -> str:
     return ""
 
 
+def network_tables(result: dict, network: str, cell=str) -> list[str]:
+    """Markdown lines of one network's speed table and accuracy table (this file's Markdown
+    and the docs' results page both draw them); ``cell`` escapes free text such as notes."""
+    from benchmarks._timing import markdown_table
+
+    rows = [r for r in result.get("rows") or [] if r["network"] == network]
+    speed = []
+    for r in rows:
+        summary = r.get("summary") or {}
+        note = r.get("note", "") if r.get("status") != "ok" else r.get("lmbda_note", "")
+        load = r.get("load_average_1min")
+        speed.append([r["loss"], tool_name(r), r.get("status", ""), _f(summary.get("lmbda"), "g"), _f(summary.get("steps_per_second"), ".2f"),
+                      _f(summary.get("train_seconds"), ".1f"), _f(summary.get("compile_seconds"), ".1f"), _f(summary.get("final_loss"), ".5f"),
+                      _f(summary.get("peak_rss_mib"), ".0f"), _f(summary.get("inference_pairs_per_second"), ".0f"),
+                      "" if not load else f"{load[0]:.1f} → {load[1]:.1f}", cell(note)])
+    lines = [markdown_table(["loss", "tool", "status", "λ", "steps/s", "train s", "compile s", "final loss", "peak MiB",
+                             "inference pairs/s", "load avg (1 min)", "note"], speed), ""]
+    accuracy = []
+    for r in (r for r in rows if r.get("status") == "ok"):
+        summary = r.get("summary") or {}
+        sets = summary.get("eval") or {n: summary[n] for n in ("fives", "sevens") if summary.get(n)}  # older files
+        for name, values in sets.items():
+            accuracy.append([r["loss"], tool_name(r), name, *[_f(values.get(k), ".4f") for k in ACCURACY]])
+    if accuracy:
+        lines += [markdown_table(["loss", "tool", "pairs", "SSD before", "SSD after", "Dice before", "Dice after",
+                                  "folded", "objective"], accuracy), ""]
+    return lines
+
+
 def render(result: dict) -> str:
     from benchmarks._timing import markdown_table
 
@@ -316,26 +345,7 @@ def render(result: dict) -> str:
         lines += ["## Speed-up", "", markdown_table(["loss", "jaxreg ÷ icon steps/s", "icon torch threads (its fastest row)",
                                                      "target", "met", "jaxreg ÷ icon inference pairs/s"], rows), ""]
     for network in dict.fromkeys(r["network"] for r in result["rows"]):
-        lines += [f"## {network}", ""]
-        rows = []
-        for r in (r for r in result["rows"] if r["network"] == network):
-            sm = r.get("summary") or {}
-            note = r.get("note", "") if r.get("status") != "ok" else r.get("lmbda_note", "")
-            load = r.get("load_average_1min")
-            rows.append([r["loss"], tool_name(r), r.get("status", ""), _f(sm.get("lmbda"), "g"), _f(sm.get("steps_per_second"), ".2f"),
-                         _f(sm.get("train_seconds"), ".1f"), _f(sm.get("compile_seconds"), ".1f"), _f(sm.get("final_loss"), ".5f"),
-                         _f(sm.get("peak_rss_mib"), ".0f"), _f(sm.get("inference_pairs_per_second"), ".0f"),
-                         "" if not load else f"{load[0]:.1f} → {load[1]:.1f}", note])
-        lines += [markdown_table(["loss", "tool", "status", "λ", "steps/s", "train s", "compile s", "final loss", "peak MiB",
-                                  "inference pairs/s", "load avg", "note"], rows), ""]
-        ok = [r for r in result["rows"] if r["network"] == network and r.get("status") == "ok"]
-        accuracy = []
-        for r in ok:
-            for name, values in (r["summary"].get("eval") or {}).items():
-                accuracy.append([r["loss"], tool_name(r), name, *[_f(values.get(k), ".4f") for k in ACCURACY]])
-        if accuracy:
-            lines += [markdown_table(["loss", "tool", "pairs", "SSD before", "SSD after", "Dice before", "Dice after",
-                                      "folded", "objective"], accuracy), ""]
+        lines += [f"## {network}", "", *network_tables(result, network)]
     return "\n".join(lines)
 
 

@@ -351,7 +351,7 @@ def amortized_section(result: dict, plots: Plots) -> list[str]:
              "each run in its own process (the experiment is specified in `benchmarks/peers/icon_mnist.py`). "
              "**steps/s**: training steps per second after the warm-up steps; **speed-up** = jaxreg steps/s ÷ "
              "icon_registration steps/s.", ""]
-    from benchmarks.amortized import busy_note, tool_name
+    from benchmarks.amortized import busy_note, network_tables, tool_name
 
     busy = busy_note(result) if result.get("rows") else ""
     if busy:
@@ -365,28 +365,7 @@ def amortized_section(result: dict, plots: Plots) -> list[str]:
                                   "speed-up (inference)"], table), ""]
     rows = result.get("rows") or []
     for network in dict.fromkeys(r["network"] for r in rows):
-        lines += [f"### {network}", ""]
-        table = []
-        for r in (r for r in rows if r["network"] == network):
-            s = r.get("summary") or {}
-            note = r.get("note", "") if r.get("status") != "ok" else r.get("lmbda_note", "")
-            load = r.get("load_average_1min")
-            table.append([r["loss"], tool_name(r), r.get("status", ""), _f(s.get("lmbda"), "g"), _f(s.get("steps_per_second"), ".2f"),
-                          _f(s.get("train_seconds"), ".1f"), _f(s.get("compile_seconds"), ".1f"), _f(s.get("final_loss"), ".5f"),
-                          _f(s.get("peak_rss_mib"), ".0f"), _f(s.get("inference_pairs_per_second"), ".0f"),
-                          "" if not load else f"{load[0]:.1f} → {load[1]:.1f}", _cell(note)])
-        lines += [markdown_table(["loss", "tool", "status", "λ", "steps/s", "train s", "compile s", "final loss", "peak MiB",
-                                  "inference pairs/s", "load avg (1 min)", "note"], table), ""]
-        accuracy = []
-        for r in (r for r in rows if r["network"] == network and r.get("status") == "ok"):
-            summary = r.get("summary") or {}
-            sets = summary.get("eval") or {n: summary[n] for n in ("fives", "sevens") if summary.get(n)}  # older files
-            for name, v in sets.items():
-                accuracy.append([r["loss"], tool_name(r), name] + [_f(v.get(k), ".4f") for k in
-                                ("ssd_before", "ssd_after", "dice_before", "dice_after", "folded_fraction", "objective")])
-        if accuracy:
-            lines += [markdown_table(["loss", "tool", "pairs", "SSD before", "SSD after", "Dice before", "Dice after",
-                                      "folded", "objective"], accuracy), ""]
+        lines += [f"### {network}", "", *network_tables(result, network, cell=_cell)]
     curves = [(f"{tool_name(r)}, {r['loss']}", r["loss_curve"]) for r in rows
               if r.get("status") == "ok" and r.get("network") == "mnist-multistep" and r.get("loss_curve")]
     if plots.plt is not None and curves:
