@@ -98,3 +98,18 @@ def time_limit(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def oblique_affine(ndim, seed=0, *, rng=None, shear=0.2, spacing=(0.5, 3.0), offset=100.0):
+    """A rotated, sheared, anisotropic voxel-to-world matrix with a translation (float32).
+
+    Drawn from ``rng`` (default ``numpy.random.default_rng(seed)``): shear terms of scale
+    ``shear``, voxel sizes in ``spacing``, translation within ``±offset``.
+    """
+    rng = np.random.default_rng(seed) if rng is None else rng
+    q, _ = np.linalg.qr(rng.standard_normal((ndim, ndim)))
+    shear_matrix = np.eye(ndim) + np.triu(shear * rng.standard_normal((ndim, ndim)), 1)
+    affine = np.eye(ndim + 1)
+    affine[:ndim, :ndim] = q @ shear_matrix @ np.diag(rng.uniform(*spacing, ndim))
+    affine[:ndim, ndim] = rng.uniform(-offset, offset, ndim)
+    return affine.astype(np.float32)

@@ -19,22 +19,10 @@ from hypothesis import strategies as st
 from jaxreg import io
 from jaxreg.grid import Image
 
-from helpers import time_limit
+from helpers import oblique_affine, time_limit
 from tests.helpers import shared_data
 
 FORMATS = [".nii", ".nii.gz", ".mgz", ".mha"]
-
-
-def oblique_affine(ndim, seed=0):
-    """A rotated, sheared, anisotropic voxel-to-world matrix with a translation."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((ndim, ndim)))
-    shear = np.eye(ndim) + np.triu(0.2 * rng.standard_normal((ndim, ndim)), 1)
-    spacing = np.diag(rng.uniform(0.5, 3.0, ndim))
-    affine = np.eye(ndim + 1)
-    affine[:ndim, :ndim] = q @ shear @ spacing
-    affine[:ndim, ndim] = rng.uniform(-100, 100, ndim)
-    return affine.astype(np.float32)
 
 
 def roundtrip(image, path, **load_kw):

@@ -17,6 +17,8 @@ from jaxreg import io, itk
 from jaxreg.grid import Grid, Image
 from jaxreg.transforms import Affine, Displacement, Velocity, compose, invert, warp
 
+from helpers import oblique_affine
+
 # Measured agreement of ANTs' and jaxreg's linear interpolation at interior voxels: about
 # 1e-6 to 2e-6 on images whose values span ~2 (float32 coordinates); the bound keeps a
 # 50x margin. A wrong order, sign or centre gives errors of 0.1 to 1.
@@ -45,17 +47,6 @@ def grid_affine(spacing, origin, rot):
     affine = np.eye(ndim + 1)
     affine[:ndim, :ndim] = (rotation(rot) if ndim == 3 else rotation_2d(rot)) @ np.diag(spacing)
     affine[:ndim, ndim] = origin
-    return affine.astype(np.float32)
-
-
-def oblique_affine(ndim, seed=0):
-    """A rotated, sheared, anisotropic voxel-to-world matrix with a translation."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((ndim, ndim)))
-    shear = np.eye(ndim) + np.triu(0.2 * rng.standard_normal((ndim, ndim)), 1)
-    affine = np.eye(ndim + 1)
-    affine[:ndim, :ndim] = q @ shear @ np.diag(rng.uniform(0.5, 3.0, ndim))
-    affine[:ndim, ndim] = rng.uniform(-100, 100, ndim)
     return affine.astype(np.float32)
 
 

@@ -22,19 +22,11 @@ from jaxreg.grid import Grid, Image
 from jaxreg.sampling import MODES, sample
 from jaxreg.transforms import Affine, Displacement, Velocity, compose
 
+from helpers import oblique_affine
+
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SHAPES = [(8, 8), (5, 6, 4)]
 POINTS = 64  # points per example: one compiled program per shape and option set
-
-
-def oblique_affine(rng, ndim):
-    """A rotated, sheared, anisotropic voxel-to-world matrix with a translation (float32)."""
-    q, _ = np.linalg.qr(rng.standard_normal((ndim, ndim)))
-    shear = np.eye(ndim) + np.triu(0.3 * rng.standard_normal((ndim, ndim)), 1)
-    affine = np.eye(ndim + 1)
-    affine[:ndim, :ndim] = q @ shear @ np.diag(rng.uniform(0.3, 4.0, ndim))
-    affine[:ndim, ndim] = rng.uniform(-200, 200, ndim)
-    return affine.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ loaders
@@ -60,7 +52,7 @@ def test_save_then_load_gives_the_data_and_affine_back(shape, channels, dtype, e
         data = rng.integers(info.min, info.max, full, endpoint=True).astype(dtype)
     else:
         data = (rng.standard_normal(full) * 10.0 ** rng.integers(-3, 6)).astype(dtype)
-    affine = oblique_affine(rng, len(shape))
+    affine = oblique_affine(len(shape), rng=rng, shear=0.3, spacing=(0.3, 4.0), offset=200.0)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"image{ext}"
         io.save(Image(data, affine), path)
