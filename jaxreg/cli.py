@@ -430,11 +430,8 @@ def _network_register(fixed, moving, checkpoint: str):
     from jaxreg.transforms import Displacement
 
     path = Path(checkpoint)
-    _, spec = _read_model_spec(path)
-    try:
-        network = jnn.training.restore_model(path, jnn.build(spec))
-    except ValueError as err:
-        raise CommandError(f"--model {path}: {err}") from err
+    # Missing, corrupt, spec-less or foreign checkpoints raise errors that name the file.
+    network, spec = jnn.training.load_network(path)
     input_shape = spec.get("input_shape") or spec.get("kwargs", {}).get("shape")
     if input_shape is not None and len(input_shape) != fixed.ndim:
         raise CommandError(f"--model {path} registers {len(input_shape)}-D images; the inputs are {fixed.ndim}-D")
@@ -446,19 +443,6 @@ def _network_register(fixed, moving, checkpoint: str):
     seconds = time.perf_counter() - start
     return Result(transform=transform, inverse=None, warped=prediction.warped, losses=(), stages=("network",),
                   compile_seconds=None, run_seconds=seconds)
-
-
-def _read_model_spec(path: Path):
-    from jaxreg.nn import training
-
-    try:
-        payload = training._read_checkpoint(path)
-    except FileNotFoundError as err:
-        raise CommandError(f"--model {path}: no such checkpoint file") from err
-    spec = payload["spec"]
-    if not spec or "name" not in spec:
-        raise CommandError(f"--model {path}: the checkpoint does not name its network (train with spec=...)")
-    return payload, spec
 
 
 def _call_register(fixed, moving, options: dict, progress: Callable | None):

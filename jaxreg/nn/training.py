@@ -50,6 +50,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "restore_model",
+    "load_network",
     "fine_tune",
     "data_mesh",
 ]
@@ -173,6 +174,25 @@ def _read_checkpoint(path) -> dict:
         raise CheckpointReadError(path, f"corrupt file ({type(error).__name__})") from None
 
 
+def _stored_like(payload: dict, path, template_leaves, *, noun: str, whole_state: bool) -> list:
+    """The checkpoint's arrays shaped and typed like ``template_leaves``, or a
+    CheckpointReadError naming the file. With ``whole_state`` the counts must match
+    exactly (parameters, optimizer state, step, key); otherwise the parameters come first
+    and the rest is ignored."""
+    stored = payload["leaves"]
+    if whole_state and len(stored) != len(template_leaves):
+        raise CheckpointReadError(path, f"it holds {len(stored)} arrays, this network and optimizer need {len(template_leaves)}")
+    if not whole_state and len(stored) < len(template_leaves):
+        raise CheckpointReadError(path, f"it holds {len(stored)} arrays, this network has {len(template_leaves)}")
+    leaves = []
+    for i, expected in enumerate(template_leaves):
+        value = np.asarray(stored[str(i)])
+        if value.shape != np.shape(expected):
+            raise CheckpointReadError(path, f"{noun} {i} has shape {value.shape}, this network needs {np.shape(expected)}")
+        leaves.append(jnp.asarray(value, dtype=jnp.asarray(expected).dtype))
+    return leaves
+
+
 def load_checkpoint(path, template: TrainState) -> tuple[TrainState, dict]:
     """Read a checkpoint into the structure of ``template``; returns ``(state, spec)``.
 
@@ -181,34 +201,40 @@ def load_checkpoint(path, template: TrainState) -> tuple[TrainState, dict]:
     """
     payload = _read_checkpoint(path)
     template_leaves, treedef = jax.tree_util.tree_flatten(_key_data(template))
-    stored = payload["leaves"]
-    if len(stored) != len(template_leaves):
-        raise CheckpointReadError(path, f"it holds {len(stored)} arrays, this network and optimizer need {len(template_leaves)}")
-    leaves = []
-    for i, expected in enumerate(template_leaves):
-        value = np.asarray(stored[str(i)])
-        if value.shape != np.shape(expected):
-            raise CheckpointReadError(path, f"array {i} has shape {value.shape}, this network needs {np.shape(expected)}")
-        leaves.append(jnp.asarray(value, dtype=jnp.asarray(expected).dtype))
+    leaves = _stored_like(payload, path, template_leaves, noun="array", whole_state=True)
     state = jax.tree_util.tree_unflatten(treedef, leaves)
     return state._replace(key=jax.random.wrap_key_data(state.key)), payload["spec"]
 
 
-def restore_model(path, model: nnx.Module) -> nnx.Module:
-    """Load only the parameters of a checkpoint into ``model`` (the optimizer state is ignored)."""
-    payload = _read_checkpoint(path)
+def _parameters_into(model: nnx.Module, payload: dict, path) -> nnx.Module:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_leaves, treedef = jax.tree_util.tree_flatten(params)
-    stored = payload["leaves"]
-    if len(stored) < len(param_leaves):
-        raise CheckpointReadError(path, f"it holds {len(stored)} arrays, this network has {len(param_leaves)}")
-    leaves = []
-    for i, expected in enumerate(param_leaves):
-        value = np.asarray(stored[str(i)])
-        if value.shape != expected.shape:
-            raise CheckpointReadError(path, f"parameter {i} has shape {value.shape}, this network needs {expected.shape}")
-        leaves.append(jnp.asarray(value, expected.dtype))
+    leaves = _stored_like(payload, path, param_leaves, noun="parameter", whole_state=False)
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves), rest)
+
+
+def restore_model(path, model: nnx.Module) -> nnx.Module:
+    """Load only the parameters of a checkpoint into ``model`` (the optimizer state is ignored)."""
+    return _parameters_into(model, _read_checkpoint(path), path)
+
+
+def load_network(path) -> tuple[nnx.Module, dict]:
+    """The trained network a checkpoint names, rebuilt from its spec: ``(network, spec)``.
+
+    Reads the file once. A checkpoint written without ``spec=`` raises
+    :class:`CheckpointReadError`, as does a spec that names no known architecture.
+    """
+    from jaxreg.nn import models
+
+    payload = _read_checkpoint(path)
+    spec = payload["spec"]
+    if not spec or "name" not in spec:
+        raise CheckpointReadError(path, "the checkpoint does not name its network (train with spec=...)")
+    try:
+        network = models.build(spec)
+    except (ValueError, TypeError) as err:
+        raise CheckpointReadError(path, str(err)) from None
+    return _parameters_into(network, payload, path), spec
 
 
 # -------------------------------------------------------------------------------- loop
