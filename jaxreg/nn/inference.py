@@ -15,7 +15,6 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxreg.grid import Grid, Image, as_image
 from jaxreg.registration import normalize_intensity
@@ -37,11 +36,9 @@ def network_grid(grid: Grid, shape: Sequence[int] | None) -> Grid:
     shape = tuple(int(n) for n in shape)
     if len(shape) != grid.ndim:
         raise ValueError(f"the network takes {len(shape)}-D inputs of shape {shape}; the fixed image is {grid.ndim}-D {grid.shape}")
-    factors = [n / m for n, m in zip(grid.shape, shape)]
-    scale = np.eye(grid.ndim + 1, dtype=np.float32)
-    scale[: grid.ndim, : grid.ndim] = np.diag(factors)
-    scale[: grid.ndim, grid.ndim] = [(f - 1.0) / 2.0 for f in factors]
-    return Grid(shape, np.asarray(grid.affine, np.float32) @ scale)
+    # Voxels n/m times larger over the same extent: Grid.scaled's block-centre geometry,
+    # and its rounded shape round(n / (n/m)) is m.
+    return grid.scaled([n / m for n, m in zip(grid.shape, shape)])
 
 
 def register_images(network, fixed, moving, *, input_shape: Sequence[int] | None = None, normalize: bool = True) -> Prediction:
