@@ -215,12 +215,31 @@ def _three_box_radii(radius: int) -> tuple[int, int, int]:
 
 
 def _local_sums(stack, radii, window: str, ndim: int):
-    if window == "box":
-        return filters.box_sum(stack, radii, ndim=ndim)
-    per_axis = [_three_box_radii(r) for r in radii]
-    for k in range(3):
-        stack = filters.box_sum(stack, [t[k] for t in per_axis], ndim=ndim)
-    return stack
+    """Window sums of a channels-FIRST ``(C, *spatial)`` stack, channel by channel.
+
+    Channels first, because XLA CPU strides badly over a short trailing channel axis: the
+    box sums of a 6-channel 80x96x112 stack took 16 ms channels-last, 10 ms channels-first.
+    """
+
+    def per_channel(x):
+        if window == "box":
+            return filters.box_sum(x, radii, ndim=ndim)
+        for k in range(3):
+            x = filters.box_sum(x, [t[k] for t in per_axis], ndim=ndim)
+        return x
+
+    per_axis = None if window == "box" else [_three_box_radii(r) for r in radii]
+    return jax.vmap(per_channel)(stack)
+
+
+def _window_counts(shape, radii, window: str, dtype):
+    """How many voxels of the image each window holds (its weight for an unmasked image),
+    as an outer product of 1-D counts: the constant XLA folds instead of a sixth channel."""
+    counts = jnp.ones((), dtype)
+    for axis, (n, r) in enumerate(zip(shape, radii)):
+        line = _local_sums(jnp.ones((1, n), dtype), (r,), window, 1)[0]
+        counts = counts * line.reshape((n,) + (1,) * (len(shape) - axis - 1))
+    return counts
 
 
 def lncc(*, radius=4, window: str = "box", eps: float = 1e-5):
@@ -251,14 +270,18 @@ def lncc(*, radius=4, window: str = "box", eps: float = 1e-5):
         # Centring on the global mean first keeps E[x^2] - E[x]^2 from cancelling
         # catastrophically in float32 when intensities sit far from 0.
         a, b = a - _wmean(a, w), b - _wmean(b, w)
-        ones = jnp.ones_like(a) if w is None else w
-        stats = jnp.stack([ones, ones * a, ones * b, ones * a * a, ones * b * b, ones * a * b], axis=-1)
-        sums = _local_sums(stats, radii, window, ndim)
-        inv = _divide(1.0, sums[..., 0])
-        mean_a, mean_b = sums[..., 1] * inv, sums[..., 2] * inv
-        var_a = jnp.maximum(sums[..., 3] * inv - mean_a * mean_a, 0.0)
-        var_b = jnp.maximum(sums[..., 4] * inv - mean_b * mean_b, 0.0)
-        cov = sums[..., 5] * inv - mean_a * mean_b
+        wa, wb = (a, b) if w is None else (w * a, w * b)
+        # Sums over the warped image's statistics apart from the fixed one's: the gradient
+        # with respect to the warped image then box-filters 3 channels back, not all 6.
+        sum_a, sum_aa, sum_ab = _local_sums(jnp.stack([wa, wa * a, wa * b]), radii, window, ndim)
+        fixed_stats = [wb, wb * b] if w is None else [w, wb, wb * b]
+        *weight, sum_b, sum_bb = _local_sums(jnp.stack(fixed_stats), radii, window, ndim)
+        weight = _window_counts(a.shape, radii, window, a.dtype) if w is None else weight[0]
+        inv = _divide(1.0, weight)
+        mean_a, mean_b = sum_a * inv, sum_b * inv
+        var_a = jnp.maximum(sum_aa * inv - mean_a * mean_a, 0.0)
+        var_b = jnp.maximum(sum_bb * inv - mean_b * mean_b, 0.0)
+        cov = sum_ab * inv - mean_a * mean_b
         return 1.0 - _wmean(_correlation(cov, var_a, var_b, eps), w)
 
     return loss
