@@ -122,15 +122,35 @@ _MATMUL_MIN_TAPS = 41
 
 @functools.lru_cache(maxsize=128)
 def _smoothing_matrix(n: int, weights: tuple, mode: str, dtype: str) -> np.ndarray:
-    # Filtering the identity gives the filter's matrix, boundary mode included.
-    with jax.ensure_compile_time_eval():
-        matrix = _correlate_axis(jnp.eye(n, dtype=dtype), np.asarray(weights), 0, mode)
-    return np.asarray(matrix)
+    # Filtering the identity gives the filter's matrix, boundary mode included. In numpy
+    # on the host: op by op in JAX, the 12 matrices of one greedy registration took 2 s of
+    # its tracing time.
+    radius = (len(weights) - 1) // 2
+    padded = np.pad(np.eye(n), [(radius, radius), (0, 0)], mode=_PAD_MODES[mode])
+    matrix = sum(w * padded[k : k + n] for k, w in enumerate(weights))
+    return np.asarray(matrix, dtype=dtype)
 
 
-def _correlate_axis_matmul(x, weights: np.ndarray, axis: int, mode: str):
-    matrix = _smoothing_matrix(x.shape[axis], tuple(float(w) for w in weights), mode, str(x.dtype))
-    return jnp.moveaxis(jnp.tensordot(matrix, x, axes=([1], [axis])), 0, axis)
+def _smooth_by_products(x, kernels: list, ndim: int, mode: str):
+    """Separable smoothing as one matrix product per spatial axis (``kernels[axis]`` is
+    None to leave an axis alone), each contracting the LEADING axis of ``x`` seen as a
+    matrix and putting the filtered axis LAST: after every spatial axis the channels lead,
+    and one transpose puts them back. Multiplying along an axis in place instead costs two
+    transposes of the whole field per axis, which took half the time of a greedy step's
+    field smoothing (80x96x112x3, sigma 0.5: 51 vs 26 ms a step)."""
+    shape = list(x.shape)
+    for axis in range(ndim):
+        n = shape[0]
+        flat = x.reshape(n, -1)
+        if kernels[axis] is None:
+            x = flat.T
+        else:
+            matrix = _smoothing_matrix(n, tuple(float(w) for w in kernels[axis]), mode, str(x.dtype))
+            # (n, rest) contracted on n with the matrix's columns: (rest, n), no copy.
+            x = jax.lax.dot_general(flat, jnp.asarray(matrix), (((0,), (1,)), ((), ())))
+        shape = shape[1:] + [n]
+    x = x.reshape(shape)  # channels..., spatial...
+    return jnp.moveaxis(x, tuple(range(x.ndim - ndim)), tuple(range(ndim, x.ndim))) if x.ndim > ndim else x
 
 
 def gaussian_smooth(image, sigma, *, ndim: int | None = None, truncate: float = 4.0, mode: str = "nearest"):
@@ -151,14 +171,14 @@ def gaussian_smooth(image, sigma, *, ndim: int | None = None, truncate: float = 
     _checks.check_nonnegative(sigmas, name="sigma")
     if mode not in _PAD_MODES:
         raise ValueError(f"mode must be one of {sorted(_PAD_MODES)}; got {mode!r}")
-    has_channels = x.ndim > ndim
-    for axis, s in enumerate(sigmas):
-        if s > 0:
-            weights = gaussian_kernel_1d(s, truncate=truncate)
-            if has_channels or len(weights) >= _MATMUL_MIN_TAPS:
-                x = _correlate_axis_matmul(x, weights, axis, mode)
-            else:
-                x = _correlate_axis(x, weights, axis, mode)
+    kernels = [gaussian_kernel_1d(s, truncate=truncate) if s > 0 else None for s in sigmas]
+    if all(k is None or len(k) == 1 for k in kernels):
+        return x
+    if x.ndim > ndim or any(k is not None and len(k) >= _MATMUL_MIN_TAPS for k in kernels):
+        return _smooth_by_products(x, kernels, ndim, mode)
+    for axis, weights in enumerate(kernels):
+        if weights is not None:
+            x = _correlate_axis(x, weights, axis, mode)
     return x
 
 

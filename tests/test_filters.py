@@ -58,6 +58,25 @@ def test_gaussian_smooth_channels_last_leaves_channels_alone(mode):
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["nearest", "reflect", "constant"])
+@pytest.mark.parametrize("sigmas", [(1.0, 0.0, 2.0), (0.0, 0.0, 1.5), (0.5, 0.5, 0.5)])
+def test_gaussian_smooth_channels_last_with_unsmoothed_axes_matches_scipy(mode, sigmas):
+    # the product path rotates every axis to the end, smoothed or not, and back
+    x = _random((7, 9, 5, 2), seed=3)
+    out = filters.gaussian_smooth(x, sigmas, ndim=3, mode=mode)
+    ref = ndi.gaussian_filter(x.astype(np.float64), sigmas + (0.0,), mode=mode)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+
+
+def test_gaussian_smooth_wide_kernel_on_a_scalar_image_matches_scipy():
+    # sigma 6 (49 taps) takes the matrix-product path without channels
+    x = _random((50, 60), seed=4)
+    out = filters.gaussian_smooth(x, (6.0, 0.0))
+    np.testing.assert_allclose(np.asarray(out), ndi.gaussian_filter(x.astype(np.float64), (6.0, 0.0), mode="nearest"), atol=1e-5)
+    smoothed = jax.jit(jax.vmap(lambda a: filters.gaussian_smooth(a, 6.0)))(np.stack([x, 2 * x]))
+    np.testing.assert_allclose(np.asarray(smoothed[1]), 2 * np.asarray(filters.gaussian_smooth(x, 6.0)), rtol=1e-5, atol=1e-5)
+
+
 def test_gaussian_smooth_errors():
     x = jnp.zeros((6, 5))
     with pytest.raises(ValueError, match="sigma"):
