@@ -33,6 +33,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxreg import _checks
@@ -233,6 +234,17 @@ class _Clock:
         self.compile_seconds = 0.0
         self.run_seconds = 0.0
         self.traced = False
+        # Downsampled images by (id of the full-size data, factor), kept with that data so
+        # the id stays its own: the affine and deformable stages of one call share levels.
+        self.levels: dict = {}
+
+    def downsampled(self, image: Image | None, factor: int) -> Image | None:
+        if image is None or factor == 1:
+            return image
+        key = (id(image.data), factor)
+        if key not in self.levels:
+            self.levels[key] = (image.data, _downsampled(image, factor))
+        return self.levels[key][1]
 
     def result_fields(self) -> dict:
         timings = (None, None) if self.traced else (self.compile_seconds, self.run_seconds)
@@ -329,7 +341,15 @@ def normalize_intensity(image: Image, *, low: float = 0.5, high: float = 99.5) -
     LNCC, NCC and MI regularise with absolute constants (``eps``, histogram ranges); on a
     scanner's raw scale (thousands) LNCC otherwise fits background noise.
     """
-    return Image(_rescaled(jnp.asarray(image.data, jnp.float32), low, high), image.affine)
+    data = jnp.asarray(image.data, jnp.float32)
+    if isinstance(data, jax.core.Tracer):
+        bounds = _percentiles(data, low, high)
+    else:
+        # On the host, numpy's selection finds them without sorting: 0.3 s -> 0.02 s for
+        # a 160x192x224 volume.
+        bounds = np.percentile(np.asarray(data).reshape(-1)[:: _percentile_stride(data)], [low, high])
+        bounds = jnp.asarray(bounds, jnp.float32)
+    return Image(_rescaled(data, bounds), image.affine)
 
 
 # Percentiles of a strided sample of about a million voxels: a full sort of a
@@ -338,10 +358,17 @@ def normalize_intensity(image: Image, *, low: float = 0.5, high: float = 99.5) -
 _PERCENTILE_SAMPLE = 2**20
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _rescaled(data, low: float, high: float):
-    stride = max(1, data.size // _PERCENTILE_SAMPLE)
-    lo, hi = jnp.percentile(data.reshape(-1)[::stride], jnp.asarray([low, high]))
+def _percentile_stride(data) -> int:
+    return max(1, data.size // _PERCENTILE_SAMPLE)
+
+
+def _percentiles(data, low: float, high: float):
+    return jnp.percentile(data.reshape(-1)[:: _percentile_stride(data)], jnp.asarray([low, high]))
+
+
+@jax.jit
+def _rescaled(data, bounds):
+    lo, hi = bounds[0], bounds[1]
     span = jnp.where(hi > lo, hi - lo, 1.0)
     return jnp.clip((data - lo) / span, 0.0, 1.0)
 
@@ -406,8 +433,9 @@ def _pyramid_stage(
     params, previous_grid = None, None
     histories = []
     for level, (factor, n) in enumerate(zip(shrink, steps)):
-        fixed_level, moving_level = _downsampled(fixed, factor), _downsampled(moving, factor)
-        mask_level = None if fixed_mask is None else _downsampled(fixed_mask, factor).data
+        shrunk = _downsampled if clock is None else clock.downsampled
+        fixed_level, moving_level = shrunk(fixed, factor), shrunk(moving, factor)
+        mask_level = None if fixed_mask is None else shrunk(fixed_mask, factor).data
         params = initial_params(params, previous_grid, fixed_level.grid)
         previous_grid = fixed_level.grid
 
@@ -427,6 +455,7 @@ def _pyramid_stage(
     return params, tuple(histories), previous_grid
 
 
+@jax.jit
 def _field_at(field, old_grid: Grid, new_grid: Grid):
     return Displacement(field, old_grid.affine).displacement_at(new_grid.points())
 
@@ -795,6 +824,7 @@ _UNSET = object()
 # One program for the final full-resolution warp: op by op, composing the transform and
 # sampling 160x192x224 voxels took 2.0 s, most of it dispatch and unfused passes.
 _warp_compiled = jax.jit(warp)
+_invert_compiled = jax.jit(invert, static_argnames="iterations")
 
 
 _MIN_COARSE_VOXELS = 16
@@ -922,7 +952,7 @@ def register(
         if isinstance(dense, Velocity):
             dense_inverse = dense.inverse()
         else:
-            dense_inverse = invert(dense, grid=dense.grid if isinstance(dense, Displacement) else fixed.grid)
+            dense_inverse = _invert_compiled(dense, grid=dense.grid if isinstance(dense, Displacement) else fixed.grid)
         inverse = compose(dense_inverse, inverse)
         transform = compose(transform, dense)
         losses += dense_losses

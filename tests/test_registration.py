@@ -322,6 +322,21 @@ def test_register_is_blind_to_the_intensity_scale_and_normalize_intensity_matche
     data = np.asarray(moving.data)
     lo, hi = np.percentile(data, [0.5, 99.5])
     np.testing.assert_allclose(normalize_intensity(moving).data, np.clip((data - lo) / (hi - lo), 0, 1), atol=1e-5)
+    # traced (jit, vmap) the percentiles come from jnp instead of numpy: the same numbers
+    traced = jax.jit(normalize_intensity)(moving).data
+    np.testing.assert_allclose(traced, normalize_intensity(moving).data, atol=1e-6)
+
+
+def test_register_downsamples_each_image_once_per_factor_for_both_stages(monkeypatch):
+    from jaxreg import registration
+
+    fixed, _, moving, _ = _warped_pair(19, shape=(40, 40))
+    factors = []
+    shrunk = registration._downsampled
+    monkeypatch.setattr(registration, "_downsampled", lambda image, f: (factors.append(f), shrunk(image, f))[1])
+    result = register(fixed, moving, shrink=(2, 1), steps=(3, 2), affine_options=dict(shrink=(2, 1), steps=(3, 2)))
+    assert result.stages == ("affine@2", "affine@1", "greedy@2", "greedy@1")
+    assert sorted(factors) == [2, 2]  # fixed and moving at factor 2, shared by the two stages
 
 
 def test_preset_pyramids_shrink_to_fit_small_images():
