@@ -157,14 +157,21 @@ class Grid:
 
 def apply_linear(linear, vectors, offset=None):
     """``vectors @ linear.T (+ offset)`` for ``(..., d)`` vectors and a ``(d, d)`` matrix."""
-    # An explicit sum of d broadcasts: XLA fuses it into one pass over the points, where a
-    # (N, d) x (d, d) dot with tiny d would be a separate, slower library call on CPU.
-    out = vectors[..., 0:1] * linear[:, 0]
-    if offset is not None:
-        out = offset + out
-    for k in range(1, vectors.shape[-1]):
-        out = out + vectors[..., k : k + 1] * linear[:, k]
-    return out
+    # Each output coordinate as an explicit sum of d products, stacked: XLA fuses it into
+    # one pass over the points, where a (N, d) x (d, d) dot with tiny d would be a
+    # separate, slower library call on CPU. Broadcasting a (..., 1) column over the d
+    # outputs instead would transpose, in a gradient, into reductions over an axis of
+    # length d, which XLA CPU runs slowly in its YNNPACK fusions (a sixth of an MNIST
+    # training step).
+    d = vectors.shape[-1]
+    rows = []
+    for i in range(linear.shape[0]):
+        row = vectors[..., 0] * linear[i, 0]
+        for k in range(1, d):
+            row = row + vectors[..., k] * linear[i, k]
+        rows.append(row if offset is None else row + offset[i])
+    host = all(isinstance(x, (np.ndarray, np.generic)) for x in (vectors, linear, 0.0 if offset is None else offset))
+    return (np if host else jnp).stack(rows, axis=-1)
 
 
 def apply_affine(affine, points):

@@ -101,3 +101,21 @@ def test_determinant_matches_numpy_and_gradient():
     np.testing.assert_allclose(differential.determinant(m), np.linalg.det(m), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(differential.determinant(m[:, :2, :2]), np.linalg.det(m[:, :2, :2]), rtol=1e-4, atol=1e-5)
     assert_grad_matches_fd(lambda a: jnp.sum(differential.determinant(a)), m)
+
+
+def test_apply_linear_matches_matmul_with_gradients_and_keeps_numpy_on_the_host():
+    from jaxreg.grid import apply_linear
+
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((4, 6, 3)).astype(np.float32)
+    linear = rng.standard_normal((3, 3)).astype(np.float32)
+    offset = rng.standard_normal(3).astype(np.float32)
+    out = apply_linear(linear, vectors, offset)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, vectors @ linear.T + offset, rtol=1e-5, atol=1e-6)
+    weights = rng.standard_normal((4, 6, 3)).astype(np.float32)
+    grad_v, grad_l = jax.grad(lambda v, m: jnp.sum(weights * apply_linear(m, v)), argnums=(0, 1))(vectors, linear)
+    np.testing.assert_allclose(grad_v, weights @ linear, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_l, np.einsum("abi,abk->ik", weights, vectors), rtol=1e-4, atol=1e-4)
+    batched = jax.jit(jax.vmap(lambda v: apply_linear(jnp.asarray(linear), v)))(vectors)
+    np.testing.assert_allclose(batched, vectors @ linear.T, rtol=1e-5, atol=1e-6)
