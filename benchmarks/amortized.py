@@ -38,19 +38,16 @@ import datetime
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist", "mnist.npz")
-DEFAULT_OUT = os.path.join(HERE, "results")
+from benchmarks._paths import HERE, REPO, RESULTS as DEFAULT_OUT, SHARED_DATA, repo_env, work_folder  # noqa: E402
+
+DEFAULT_DATA = os.path.join(SHARED_DATA, "mnist", "mnist.npz")
 JAXREG_EXAMPLE = os.path.join(REPO, "examples", "mnist_multistep.py")
 JAXREG_3D_EXAMPLE = os.path.join(REPO, "examples", "gradicon_3d.py")
 ICON_PEER = os.path.join(HERE, "peers", "icon_mnist.py")
@@ -186,8 +183,7 @@ def run_one(command, folder, timeout, env) -> dict:
 
 
 def environment(jax_side: bool) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = repo_env()
     if jax_side:
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
         env["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # compile time is part of what is measured
@@ -408,19 +404,13 @@ def main(argv=None) -> int:
         write_atomic(json_path, json.dumps(result, indent=1, default=str) + "\n")
         write_atomic(md_path, render(result))
 
-    workdir = tempfile.mkdtemp(prefix="jaxreg-amortized-")
-    try:
+    with work_folder("jaxreg-amortized-", keep=args.keep) as workdir:
         for loss in losses:
             result["rows"] += mnist_rows(loss, args, workdir)
             save()  # after every loss, so that a run killed later still leaves its results
         if not args.no_3d:
             result["rows"] += network3d_rows(args, workdir)
         save()
-    finally:
-        if args.keep:
-            print(f"work folder kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     print(render(result))
     print(f"wrote {json_path} and {md_path} in {result['total_s']:.0f} s", file=sys.stderr)
     return 0

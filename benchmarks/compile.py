@@ -32,10 +32,8 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
@@ -44,10 +42,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
-DEFAULT_OUT = os.path.join(HERE, "results")
+from benchmarks._paths import REPO, RESULTS as DEFAULT_OUT, SHARED_DATA as DEFAULT_DATA, repo_env, work_folder  # noqa: E402
 
 PARTS = ("register", "kernels")
 CASES = ("brain2mm", "oasis2d")
@@ -121,24 +116,21 @@ def run_register(case: str, args) -> dict:
         case_pairs(case, args.data, factor)  # cheap check that the files exist
     except FileNotFoundError as e:
         return {"case": case, "skipped": str(e)}
-    folder = tempfile.mkdtemp(prefix="jaxreg-compile-")
-    out = os.path.join(folder, "result.json")
-    env = dict(os.environ)
+    env = repo_env()
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    command = [sys.executable, os.path.abspath(__file__), "--worker", case, "--data", args.data,
-               "--factor", str(factor), "--worker-out", out]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
+    with work_folder("jaxreg-compile-") as folder:
+        out = os.path.join(folder, "result.json")
+        command = [sys.executable, os.path.abspath(__file__), "--worker", case, "--data", args.data,
+                   "--factor", str(factor), "--worker-out", out]
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return {"case": case, "error": f"timed out after {args.timeout:.0f} s"}
         if proc.returncode != 0 or not os.path.exists(out):
             tail = " | ".join(line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip())[-400:]
             return {"case": case, "error": f"exit code {proc.returncode}: {tail}"}
         with open(out) as f:
             return json.load(f)
-    except subprocess.TimeoutExpired:
-        return {"case": case, "error": f"timed out after {args.timeout:.0f} s"}
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ============================================================================= kernels
@@ -235,7 +227,7 @@ def render(result: dict) -> str:
         "- protocol: see `benchmarks/compile.py`. **compile s**: `lower(...).compile()`, tracing included; "
         "**run s**: the compiled program running (register: once; kernels: median of N calls); "
         "**runs to amortise** = compile / run. register: a fresh process per case, persistent compilation cache "
-        "off, `register()` called twice (call 2 shows what JAX's in-process caches save).",
+        "off, `register()` called twice (call 2 shows what the in-process caches save: JAX's, and the level programs jaxreg keeps, `jaxreg/_programs.py`).",
         "",
     ]
     if result.get("register") is not None:

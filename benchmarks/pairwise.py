@@ -53,11 +53,9 @@ import importlib.metadata
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -67,10 +65,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
-DEFAULT_OUT = os.path.join(HERE, "results")
+from benchmarks._paths import REPO, RESULTS as DEFAULT_OUT, SHARED_DATA as DEFAULT_DATA, repo_env, work_folder  # noqa: E402
 
 CASES = ("oasis3d", "oasis2d", "headct", "brain2mm")
 METHODS = ("jaxreg", "jaxreg-cached", "ants-syn", "ants-affine", "fireants", "syntx-jax", "syntx-torch")
@@ -588,9 +583,8 @@ def run_worker(spec: dict, folder: str, timeout: float, env: dict) -> dict:
 
 
 def method_env(method: str, threads: int) -> dict:
-    env = dict(os.environ)
+    env = repo_env()
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if method.startswith("ants"):
         env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
         env["ANTS_RANDOM_SEED"] = "1"
@@ -1004,9 +998,8 @@ def main(argv=None):
     }
     os.makedirs(args.out, exist_ok=True)
     json_path, md_path = os.path.join(args.out, "pairwise.json"), os.path.join(args.out, "pairwise.md")
-    workdir = tempfile.mkdtemp(prefix="jaxreg-pairwise-")
     skipped_methods = {}
-    try:
+    with work_folder("jaxreg-pairwise-", keep=args.keep) as workdir:
         for case in args.only:
             result["cases"].append(run_case(case, args, threads, workdir, skipped_methods))
             # Rewritten after every case, so that a run killed later still leaves its results.
@@ -1014,11 +1007,6 @@ def main(argv=None):
             result["load_average_end"] = os.getloadavg()
             write_atomic(json_path, json.dumps(result, indent=1, default=str) + "\n")
             write_atomic(md_path, render(result))
-    finally:
-        if args.keep:
-            print(f"work folder kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     print(render(result))
     print(f"wrote {json_path} and {md_path} in {result['total_s']:.0f} s", file=sys.stderr)
     return 0

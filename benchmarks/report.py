@@ -303,7 +303,7 @@ def compile_section(result: dict, plots: Plots) -> list[str]:
              "**runs to amortise** = compile ÷ run."]
     if calls:
         lines[0] += (f" `register()` is called {calls} times in one fresh process per case (persistent compilation "
-                     "cache off); the later calls show what JAX's in-process caches save.")
+                     "cache off); the later calls show what the in-process caches save (JAX's, and the level programs jaxreg keeps).")
     lines.append("")
     for rec in result.get("register") or []:
         lines += [f"### register: {rec['case']}", ""]

@@ -25,9 +25,11 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._paths import HERE, REPO, RESULTS, repo_env  # noqa: E402
+
 SUITES = ("kernels", "pairwise", "population", "compile", "amortized")
 
 
@@ -55,8 +57,7 @@ def main(argv=None) -> int:
     suites = [s for s in SUITES if s in (args.suite or SUITES)]
     out = os.path.abspath(args.out or (os.path.join(RESULTS, "quick") if args.quick else RESULTS))
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = repo_env()
 
     status = []
     for name in suites:
