@@ -90,7 +90,7 @@ def _argument_key(args):
     avals = []
     for leaf in leaves:
         if isinstance(leaf, jax.core.Tracer):
-            return None
+            raise Unkeyable("traced arguments have no fixed value to compile for")
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             avals.append(fingerprint(leaf))  # a Python number passed as an argument
         else:

@@ -332,8 +332,8 @@ def test_register_downsamples_each_image_once_per_factor_for_both_stages(monkeyp
 
     fixed, _, moving, _ = _warped_pair(19, shape=(40, 40))
     factors = []
-    shrunk = registration._downsampled
-    monkeypatch.setattr(registration, "_downsampled", lambda image, f: (factors.append(f), shrunk(image, f))[1])
+    shrink = registration._shrunk
+    monkeypatch.setattr(registration, "_shrunk", lambda image, f: (factors.append(f), shrink(image, f))[1])
     result = register(fixed, moving, shrink=(2, 1), steps=(3, 2), affine_options=dict(shrink=(2, 1), steps=(3, 2)))
     assert result.stages == ("affine@2", "affine@1", "greedy@2", "greedy@1")
     assert sorted(factors) == [2, 2]  # fixed and moving at factor 2, shared by the two stages
