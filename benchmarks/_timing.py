@@ -113,6 +113,16 @@ def code_version(repo: str) -> dict:
     return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", "--", "jaxreg").splitlines()}
 
 
+def code_line(result: dict, *, total: bool = True) -> str:
+    """The results page's "- code:" line: the commit (and files changed beside it), the
+    load average at start and end, and (with ``total``) the seconds the run took."""
+    code = result["code"]
+    dirty = f", uncommitted: {' '.join(line.split()[-1] for line in code['uncommitted'])}" if code["uncommitted"] else ""
+    line = (f"- code: jaxreg at {code['commit'][:10] or '?'}{dirty}; load average (1 min) "
+            f"{result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end")
+    return line + (f"; total {result['total_s']:.0f} s" if total else "")
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -307,10 +307,9 @@ def network_tables(result: dict, network: str, cell=str) -> list[str]:
 
 
 def render(result: dict) -> str:
-    from benchmarks._timing import markdown_table
+    from benchmarks._timing import code_line, markdown_table
 
-    m, code = result["machine"], result["code"]
-    dirty = f", uncommitted: {' '.join(line.split()[-1] for line in code['uncommitted'])}" if code["uncommitted"] else ""
+    m = result["machine"]
     s = result["settings"]
     lines = [
         f"# Amortized registration: jaxreg vs icon_registration ({'quick' if s['quick'] else 'full'})",
@@ -318,8 +317,7 @@ def render(result: dict) -> str:
         f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
         f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m.get('torch')}, icon_registration {m.get('icon_registration')}; "
         f"{result['started']}",
-        f"- code: jaxreg at {code['commit'][:10] or '?'}{dirty}; load average (1 min) "
-        f"{result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end; total {result['total_s']:.0f} s",
+        code_line(result),
         f"- experiment: MNIST multistep (MLP 1568-50-50-1568, 8 weight-shared steps), {s['steps']} training steps of "
         f"128 pairs of fives, Adam 1e-3, seed {s['seed']}; evaluation on 256 pairs of fives and 256 of sevens (test set). "
         "**steps/s**: training steps per second after the warm-up steps (icon: the first 10; jaxreg: its compiling steps, listed as "

@@ -213,17 +213,15 @@ from benchmarks._timing import milliseconds as _ms, optional as _f  # noqa: E402
 
 
 def render(result: dict) -> str:
-    from benchmarks._timing import markdown_table
+    from benchmarks._timing import code_line, markdown_table
 
-    m, code = result["machine"], result["code"]
-    dirty = f", uncommitted: {' '.join(line.split()[-1] for line in code['uncommitted'])}" if code["uncommitted"] else ""
+    m = result["machine"]
     lines = [
         f"# Compile time vs run time ({'quick' if result['settings']['quick'] else 'full'})",
         "",
         f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
         f"jax {m['jax']} on {', '.join(m['jax_devices'])}; {result['started']}",
-        f"- code: jaxreg at {code['commit'][:10] or '?'}{dirty}; load average (1 min) "
-        f"{result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end; total {result['total_s']:.0f} s",
+        code_line(result),
         "- protocol: see `benchmarks/compile.py`. **compile s**: `lower(...).compile()`, tracing included; "
         "**run s**: the compiled program running (register: once; kernels: median of N calls); "
         "**runs to amortise** = compile / run. register: a fresh process per case, persistent compilation cache "

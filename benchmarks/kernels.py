@@ -30,7 +30,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import code_version, machine_info, markdown_table, memory_bandwidth, time_calls, time_jax, write_atomic
+from benchmarks._timing import code_line, code_version, machine_info, markdown_table, memory_bandwidth, time_calls, time_jax, write_atomic
 from jaxreg import filters
 from jaxreg.losses.similarity import lncc, mutual_information
 from jaxreg.sampling import sample
@@ -465,15 +465,13 @@ def render(result) -> str:
         ]
         for r in result["rows"]
     ]
-    m, bw, code = result["machine"], result["memory_bandwidth"], result["code"]
-    dirty = f", uncommitted: {' '.join(line.split()[-1] for line in code['uncommitted'])}" if code["uncommitted"] else ""
+    m, bw = result["machine"], result["memory_bandwidth"]
     return "\n".join([
         f"# Kernel benchmarks ({'quick' if result['settings']['quick'] else 'full'})",
         "",
         f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
         f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m['torch']}, scipy {m['scipy']}, SimpleITK {m.get('SimpleITK')}; {result['started']}",
-        f"- code: jaxreg at {code['commit'][:10] or '?'}{dirty}; load average (1 min) "
-        f"{result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end",
+        code_line(result, total=False),
         f"- memory bandwidth: {bw['gb_per_s']:.1f} GB/s ({bw['method']})",
         f"- {WARP_BYTES}",
         f"- data: {DATA}",

@@ -799,8 +799,9 @@ def _machine(threads) -> dict:
 
 
 def render(result) -> str:
-    m, code = result["machine"], result["code"]
-    dirty = f", uncommitted: {' '.join(line.split()[-1] for line in code['uncommitted'])}" if code["uncommitted"] else ""
+    from benchmarks._timing import code_line
+
+    m = result["machine"]
     lines = [
         f"# Pairwise registration ({'quick' if result['settings']['quick'] else 'full'})",
         "",
@@ -808,8 +809,7 @@ def render(result) -> str:
         f"(os.cpu_count() = {m['cpu_count']}), {m.get('mem_total_gib', '?')} GiB RAM; {result['started']}",
         f"- software: jax {m['jax']} (jaxlib {m['jaxlib']}, {', '.join(m['jax_devices'])}), antspyx {m['antspyx']}, "
         f"fireants {m['fireants']}, syntx {m.get('syntx')}, torch {m['torch']}, python {m['python']}",
-        f"- code: jaxreg at {code['commit'][:10] or '?'}{dirty}; load average (1 min) "
-        f"{result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end; total {result['total_s']:.0f} s",
+        code_line(result),
         f"- inputs: {result['settings']['inputs']}",
         "- protocol: each method runs alone in a fresh process (`--worker`). **wall s**: the registration call only "
         "(jaxreg `register()` until every output array is ready, tracing and XLA compilation included; "
