@@ -226,6 +226,34 @@ def test_losses_jit_vmap_and_gradient(loss):
     assert_grad_matches_fd(lambda params: one(params, pair0), state.params, eps=1e-4, rtol=5e-2, atol=1e-5)
 
 
+def test_multistep_remat_gives_the_same_loss_and_gradient():
+    """Recomputing each step in the backward pass (remat) changes memory, not numbers;
+    and the plain call's map is the last of the trajectory."""
+    net = _small_mlp_net()
+    net.steps = 3
+    rng = np.random.default_rng(5)
+    pair = {"moving": jnp.asarray(rng.random((8, 8)), jnp.float32), "fixed": jnp.asarray(rng.random((8, 8)), jnp.float32)}
+    loss = jnn.gradicon(lmbda=0.1)
+    graph, state = training.init(net, optax.sgd(0.1))
+
+    def value_and_grad(remat):
+        def one(params):
+            model = training.merge(graph, params)
+            model.remat = remat
+            return loss(model, pair)[0]
+
+        program = str(jax.make_jaxpr(jax.value_and_grad(one))(state.params))
+        assert ("checkpoint" in program or "remat" in program) == remat
+        return jax.jit(jax.value_and_grad(one))(state.params)
+
+    (kept, kept_grad), (recomputed, recomputed_grad) = value_and_grad(False), value_and_grad(True)
+    np.testing.assert_allclose(recomputed, kept, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(recomputed_grad), jax.tree_util.tree_leaves(kept_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    field = net(pair["moving"], pair["fixed"]).field
+    np.testing.assert_array_equal(field, net.trajectory(pair["moving"], pair["fixed"])[-1])
+
+
 # ----------------------------------------------------------------------------- training
 
 
