@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxreg import _checks
+from jaxreg import _checks, _programs
 from jaxreg.filters import gaussian_smooth
 from jaxreg.grid import Grid, Image
 from jaxreg.transforms import Velocity, warp
@@ -66,7 +66,7 @@ def _check_batch(batch, name: str, ndim: int | None = None):
     return batch
 
 
-def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, **options):
+def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, batch_size: int | None = None, **options):
     """Run ``stage(fixed_i, moving_i, **options)`` for every pair of a batch in one program.
 
     ``stage`` is any of :mod:`jaxreg.registration`'s stage functions (or a function of
@@ -74,26 +74,39 @@ def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, 
     ``(pairs, *spatial)`` on one grid with voxel-to-world ``affine`` (default identity).
     With ``devices`` (a list, or an int for the first n; more than ``jax.devices()`` holds
     is a ValueError), the pairs are sharded across them; the count of pairs must be a
-    multiple of the device count. Returns the stage's
-    result with a leading pairs axis on every array.
+    multiple of the device count. ``batch_size`` registers that many pairs at a time
+    (``jax.lax.map``) instead of all at once: on CPU a working set that stays in cache can
+    beat one large batch (``benchmarks/results/population.md``). The program is kept for
+    the next call with equal settings and shapes (:mod:`jaxreg._programs`), so a template
+    iteration does not compile again. Returns the stage's result with a leading pairs axis
+    on every array.
     """
     fixed = _check_batch(fixed, "fixed")
     moving = _check_batch(moving, "moving")
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {fixed.shape} and moving {moving.shape} batches must have the same shape")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
     grid = Grid(fixed.shape[1:], affine)
 
     def one(f, m):
         return stage(Image(f, grid.affine), Image(m, grid.affine), **options)
 
-    run = jax.jit(jax.vmap(one))
+    def run(f, m):
+        if batch_size is None or batch_size >= f.shape[0]:
+            return jax.vmap(one)(f, m)
+        return jax.lax.map(lambda pair: one(*pair), (f, m), batch_size=int(batch_size))
+
     if devices is None:
-        return run(fixed, moving)
+        if any(isinstance(x, jax.core.Tracer) for x in (fixed, moving)):
+            return run(fixed, moving)
+        program, _ = _programs.compiled(run, (fixed, moving))
+        return program(fixed, moving)
     devices = _chosen_devices(devices)
     if fixed.shape[0] % len(devices):
         raise ValueError(f"{fixed.shape[0]} pairs cannot be split evenly over {len(devices)} devices")
     sharding = pair_sharding(devices)
-    return run(jax.device_put(fixed, sharding), jax.device_put(moving, sharding))
+    return jax.jit(run)(jax.device_put(fixed, sharding), jax.device_put(moving, sharding))
 
 
 def _sharpen(image, amount: float, ndim: int):

@@ -45,6 +45,36 @@ def test_register_many_equals_a_loop_over_pairs():
         np.testing.assert_allclose(velocity.field[i], single.field, atol=1e-4)
 
 
+def test_register_many_in_batches_and_kept_program():
+    """batch_size=2 over 3 pairs (a full batch and a remainder) gives the all-at-once
+    result, and a second call with equal settings compiles nothing."""
+    from jaxreg import _programs
+
+    base, moving = _batch(3)
+    fixed = jnp.broadcast_to(base, moving.shape)
+    whole, _ = register_many(register_svf, fixed, moving, **_options())
+    in_twos, _ = register_many(register_svf, fixed, moving, batch_size=2, **_options())
+    np.testing.assert_allclose(in_twos.field, whole.field, atol=1e-4)
+    calls = []
+    original = _programs.compiled
+
+    def counting(fn, args):
+        executable, hit = original(fn, args)
+        calls.append(hit)
+        return executable, hit
+
+    _programs.compiled = counting
+    try:
+        again, _ = register_many(register_svf, fixed, moving, batch_size=2, **_options())
+    finally:
+        _programs.compiled = original
+    assert calls == [True]
+    np.testing.assert_array_equal(again.field, in_twos.field)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            register_many(register_svf, fixed, moving, batch_size=bad, **_options())
+
+
 def test_register_many_rejects_bad_batches():
     with pytest.raises(ValueError, match="same shape"):
         register_many(register_svf, jnp.zeros((2, 8, 8)), jnp.zeros((3, 8, 8)))
