@@ -233,7 +233,9 @@ def test_mask_and_landmarks_enter_the_energy_exactly():
     mask = jnp.zeros(fixed.shape).at[:, :24].set(1.0)
     lncc = similarity.lncc(radius=2)
     _, losses = register_svf(fixed, moving, shrink=(1,), steps=(1,), fixed_mask=mask, similarity_loss=lncc)
-    np.testing.assert_allclose(losses[0][0], lncc(moving.data, fixed.data, mask=mask), rtol=1e-5)
+    # The same masked LNCC, summed in another order (one compiled level program against
+    # op-by-op calls): float32 roundoff of about 1e-5 of the value.
+    np.testing.assert_allclose(losses[0][0], lncc(moving.data, fixed.data, mask=mask), rtol=5e-5)
     fixed_points = jnp.array([[10.0, 12.0], [30.0, 40.0], [50.0, 20.0]])
     moving_points = fixed_points + jnp.array([2.0, -1.0])
     _, plain = register_affine(fixed, moving, shrink=(1,), steps=(1,))
