@@ -76,7 +76,9 @@ def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, 
     is a ValueError), the pairs are sharded across them; the count of pairs must be a
     multiple of the device count. ``batch_size`` registers that many pairs at a time
     (``jax.lax.map``) instead of all at once: on CPU a working set that stays in cache can
-    beat one large batch (``benchmarks/results/population.md``). The program is kept for
+    beat one large batch (``benchmarks/results/population.md``); with ``devices`` as well,
+    the chunks run over the whole batch and the result comes back replicated rather than
+    sharded (correct, but without the per-device split). The program is kept for
     the next call with equal settings and shapes (:mod:`jaxreg._programs`), so a template
     iteration does not compile again. Returns the stage's result with a leading pairs axis
     on every array.
