@@ -99,12 +99,43 @@ class MLP(nnx.Module):
         self.out = nnx.Linear(sizes[-1], math.prod(self.shape) * self.ndim, kernel_init=_zeros, bias_init=_zeros, rngs=rngs)
 
     def __call__(self, pair):
-        if tuple(pair.shape[: self.ndim]) != self.shape:
-            raise ValueError(f"this MLP was built for images of shape {self.shape}; got {tuple(pair.shape[: self.ndim])}")
+        self._check_shape(pair)
         x = pair.reshape(-1)
         for layer in self.hidden:
             x = nnx.relu(layer(x))
         return self.out(x).reshape(self.shape + (self.ndim,))
+
+    def given_fixed(self, fixed):
+        """``moving -> self(stack_pair(moving, fixed))`` with the fixed image's share of the
+        first layer computed once, here.
+
+        For a network that looks at the same fixed image many times (:class:`Multistep`):
+        each later look multiplies only the moving half of the first layer, and the
+        gradient of the fixed half's weights is one product with the summed gradients.
+        Equal to the plain call up to float rounding (the first layer sums in two parts).
+        """
+        self._check_shape(fixed)
+        first, rest = self.hidden[0] if self.hidden else self.out, list(self.hidden)[1:]
+        channels = fixed.shape[-1]
+        kernel = first.kernel[...].reshape(math.prod(self.shape), 2 * channels, -1)
+        moving_rows = kernel[:, :channels].reshape(-1, kernel.shape[-1])
+        fixed_share = fixed.reshape(-1) @ kernel[:, channels:].reshape(-1, kernel.shape[-1]) + first.bias[...]
+
+        def look(moving):
+            self._check_shape(moving)
+            x = moving.reshape(-1) @ moving_rows + fixed_share
+            if not self.hidden:
+                return x.reshape(self.shape + (self.ndim,))
+            x = nnx.relu(x)
+            for layer in rest:
+                x = nnx.relu(layer(x))
+            return self.out(x).reshape(self.shape + (self.ndim,))
+
+        return look
+
+    def _check_shape(self, image):
+        if tuple(image.shape[: self.ndim]) != self.shape:
+            raise ValueError(f"this MLP was built for images of shape {self.shape}; got {tuple(image.shape[: self.ndim])}")
 
 
 class UNet(nnx.Module):
@@ -160,6 +191,22 @@ class DisplacementField(nnx.Module):
 
     def __call__(self, moving, fixed) -> Transform:
         return Displacement(self.backbone(stack_pair(moving, fixed, self.ndim)))
+
+    def given_fixed(self, fixed):
+        """``moving -> self(moving, fixed)``, with what depends on ``fixed`` alone computed
+        once where the backbone can (:meth:`MLP.given_fixed`)."""
+        if not hasattr(self.backbone, "given_fixed"):
+            return lambda moving: self(moving, fixed)
+        fixed_channels = _with_channels(fixed, self.ndim, name="fixed").astype(jnp.float32)
+        look = self.backbone.given_fixed(fixed_channels)
+
+        def call(moving):
+            m = _with_channels(moving, self.ndim, name="moving")
+            if m.shape != fixed_channels.shape:
+                raise ValueError(f"moving and fixed must have the same shape for a network; got {m.shape} and {fixed_channels.shape}")
+            return Displacement(look(m.astype(jnp.float32)))
+
+        return call
 
 
 class VelocityField(nnx.Module):
@@ -243,6 +290,12 @@ class Multistep(nnx.Module):
     3-D images. The default keeps them, which is faster where they are small: 42 against
     53 ms per gradient of 128 MNIST pairs x 8 steps (2 cores).
     :meth:`trajectory` returns the displacement after every step (for figures).
+
+    Every step looks at the same fixed image, so where ``net`` has ``given_fixed``
+    (:meth:`DisplacementField.given_fixed` over an :class:`MLP`) what depends on the fixed
+    image alone is computed once before the steps: half of the first layer's products
+    and of its weight gradient. Measured on the MNIST training step (same process,
+    alternating): 5-7 % faster (diffusion, 1 device; ICON, 2 devices).
     """
 
     def __init__(self, net: nnx.Module, *, steps: int, remat: bool = False):
@@ -263,10 +316,11 @@ class Multistep(nnx.Module):
     def _run(self, moving, fixed, *, keep_steps: bool):
         """The last displacement, or the first and the stack of the others with ``keep_steps``."""
         grid = Grid(jnp.shape(fixed)[: _spatial_rank(self.net, fixed)])
-        first = Displacement.from_transform(self.net(moving, fixed), grid).field
+        look = self.net.given_fixed(fixed) if hasattr(self.net, "given_fixed") else (lambda m: self.net(m, fixed))
+        first = Displacement.from_transform(look(moving), grid).field
 
         def step(u, _):
-            correction = self.net(_warped(moving, Displacement(u)), fixed)
+            correction = look(_warped(moving, Displacement(u)))
             u = Displacement.from_transform(compose(Displacement(u), correction), grid).field
             # Stacking every step's map costs a copy per step; a plain call needs the last.
             return u, (u if keep_steps else None)
