@@ -194,33 +194,40 @@ def environment(jax_side: bool) -> dict:
 
 
 def mnist_rows(loss: str, args, workdir: str) -> list[dict]:
+    """Every configuration of one loss, ``args.repeats`` times in turn (jaxreg's device
+    counts, then icon's thread counts, then again), so that a machine whose speed drifts
+    slows both sides alike; each run is a row with its ``repeat`` number."""
     base = {"network": "mnist-multistep", "loss": loss, "steps": args.steps, "seed": args.seed}
-    rows = []
-    for devices in args.jaxreg_devices:
-        jax_row = dict(base, tool="jaxreg", devices=devices)
-        folder = os.path.join(workdir, f"jaxreg-{loss}-{devices}")
-        if not os.path.exists(JAXREG_EXAMPLE):
-            jax_row.update(status="skipped", note="examples/mnist_multistep.py not found (the jaxreg side of this experiment is not written yet)")
-        else:
-            command = [sys.executable, JAXREG_EXAMPLE, "--steps", str(args.steps), "--out", folder,
-                       "--data", args.data, "--loss", loss, "--seed", str(args.seed), "--devices", str(devices)]
-            print(f"[{loss}] jaxreg, {devices} device(s) ...", file=sys.stderr, flush=True)
-            jax_row.update(run_one(command, folder, args.timeout, environment(True)))
-        rows.append(jax_row)
+    rows, lmbda = [], None
+    for repeat in range(1, args.repeats + 1):
+        tag = dict(repeat=repeat) if args.repeats > 1 else {}
+        suffix = f"-run{repeat}" if args.repeats > 1 else ""
+        for devices in args.jaxreg_devices:
+            jax_row = dict(base, tool="jaxreg", devices=devices, **tag)
+            folder = os.path.join(workdir, f"jaxreg-{loss}-{devices}{suffix}")
+            if not os.path.exists(JAXREG_EXAMPLE):
+                jax_row.update(status="skipped", note="examples/mnist_multistep.py not found (the jaxreg side of this experiment is not written yet)")
+            else:
+                command = [sys.executable, JAXREG_EXAMPLE, "--steps", str(args.steps), "--out", folder,
+                           "--data", args.data, "--loss", loss, "--seed", str(args.seed), "--devices", str(devices)]
+                print(f"[{loss}] jaxreg, {devices} device(s){suffix} ...", file=sys.stderr, flush=True)
+                jax_row.update(run_one(command, folder, args.timeout, environment(True)))
+            rows.append(jax_row)
+            if lmbda is None:
+                lmbda = (jax_row.get("summary") or {}).get("lmbda")
 
-    lmbda = (rows[0].get("summary") or {}).get("lmbda")
-    for threads in args.icon_threads:
-        icon_row = dict(base, tool="icon_registration", threads=threads)
-        folder = os.path.join(workdir, f"icon-{loss}-{threads}")
-        command = [args.peer_python, ICON_PEER, "--steps", str(args.steps), "--out", folder, "--data", args.data,
-                   "--loss", loss, "--seed", str(args.seed), "--threads", str(threads)]
-        if lmbda is not None:
-            command += ["--lmbda", repr(lmbda)]
-        else:
-            icon_row["lmbda_note"] = "the jaxreg run reported no λ: the peer used its default (0.05 in jaxreg's convention)"
-        print(f"[{loss}] icon_registration, {threads} torch threads ...", file=sys.stderr, flush=True)
-        icon_row.update(run_one(command, folder, args.timeout, environment(False)))
-        rows.append(icon_row)
+        for threads in args.icon_threads:
+            icon_row = dict(base, tool="icon_registration", threads=threads, **tag)
+            folder = os.path.join(workdir, f"icon-{loss}-{threads}{suffix}")
+            command = [args.peer_python, ICON_PEER, "--steps", str(args.steps), "--out", folder, "--data", args.data,
+                       "--loss", loss, "--seed", str(args.seed), "--threads", str(threads)]
+            if lmbda is not None:
+                command += ["--lmbda", repr(lmbda)]
+            else:
+                icon_row["lmbda_note"] = "the jaxreg run reported no λ: the peer used its default (0.05 in jaxreg's convention)"
+            print(f"[{loss}] icon_registration, {threads} torch threads{suffix} ...", file=sys.stderr, flush=True)
+            icon_row.update(run_one(command, folder, args.timeout, environment(False)))
+            rows.append(icon_row)
     return rows
 
 
@@ -237,22 +244,54 @@ def network3d_rows(args, workdir: str) -> list[dict]:
                   "note": "no icon_registration 3-D peer in this suite yet"}]
 
 
+def _config(row: dict):
+    return (row["tool"], row.get("devices"), row.get("threads"))
+
+
+def _median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
 def compare(rows: list[dict]) -> list[dict]:
-    """jaxreg against icon_registration's fastest row (over torch thread counts) per loss."""
+    """Per loss, jaxreg's fastest configuration against icon_registration's (over device and
+    thread counts), each by its median steps/s over the repeats. With repeats, also the
+    ratio within each round (both sides' fastest rows of that round), which a drifting
+    machine disturbs least."""
     out = []
     for loss in LOSSES:
-        ok = [r for r in rows if r["network"] == "mnist-multistep" and r["loss"] == loss and r.get("status") == "ok"]
-        jax_rows = [r for r in ok if r["tool"] == "jaxreg" and r["summary"].get("steps_per_second")]
-        icon_rows = [r for r in ok if r["tool"] == "icon_registration" and r["summary"].get("steps_per_second")]
-        if not jax_rows or not icon_rows:
+        ok = [r for r in rows if r["network"] == "mnist-multistep" and r["loss"] == loss and r.get("status") == "ok"
+              and (r.get("summary") or {}).get("steps_per_second")]
+        by_config = {}
+        for r in ok:
+            by_config.setdefault(_config(r), []).append(r)
+        medians = {config: {key: _median([r["summary"][key] for r in runs if r["summary"].get(key)] or [0.0])
+                            for key in ("steps_per_second", "inference_pairs_per_second")}
+                   for config, runs in by_config.items()}
+        ours = [c for c in medians if c[0] == "jaxreg"]
+        theirs = [c for c in medians if c[0] == "icon_registration"]
+        if not ours or not theirs:
             continue
-        best = max(icon_rows, key=lambda r: r["summary"]["steps_per_second"])
-        ours = max(jax_rows, key=lambda r: r["summary"]["steps_per_second"])
-        j, i = ours["summary"], best["summary"]
-        record = {"loss": loss, "target": TARGET_SPEEDUP, "icon_threads": best.get("threads"), "jaxreg_devices": ours.get("devices", 1)}
+        best_ours = max(ours, key=lambda c: medians[c]["steps_per_second"])
+        best_theirs = max(theirs, key=lambda c: medians[c]["steps_per_second"])
+        j, i = medians[best_ours], medians[best_theirs]
+        record = {"loss": loss, "target": TARGET_SPEEDUP, "icon_threads": best_theirs[2], "jaxreg_devices": best_ours[1] or 1,
+                  "runs_per_config": max(len(v) for v in by_config.values()),
+                  "jaxreg_steps_per_second": j["steps_per_second"], "icon_steps_per_second": i["steps_per_second"]}
         for key in ("steps_per_second", "inference_pairs_per_second"):
             if j.get(key) and i.get(key):
                 record[f"{key}_ratio"] = j[key] / i[key]
+        rounds = sorted({r.get("repeat") for r in ok if r.get("repeat")})
+        per_round = []
+        for repeat in rounds:
+            in_round = [r for r in ok if r.get("repeat") == repeat]
+            a = [r["summary"]["steps_per_second"] for r in in_round if r["tool"] == "jaxreg"]
+            b = [r["summary"]["steps_per_second"] for r in in_round if r["tool"] == "icon_registration"]
+            if a and b:
+                per_round.append(max(a) / max(b))
+        if per_round:
+            record["steps_per_second_ratio_per_round"] = per_round
         if "steps_per_second_ratio" in record:
             record["meets_target"] = record["steps_per_second_ratio"] >= TARGET_SPEEDUP
         out.append(record)
@@ -267,10 +306,11 @@ def _f(value, spec):
 
 
 def tool_name(row: dict) -> str:
+    run = f", run {row['repeat']}" if row.get("repeat") else ""
     if row.get("threads"):
-        return f"{row['tool']} ({row['threads']} thread{'s' if row['threads'] != 1 else ''})"
+        return f"{row['tool']} ({row['threads']} thread{'s' if row['threads'] != 1 else ''}{run})"
     if row.get("devices"):
-        return f"{row['tool']} ({row['devices']} device{'s' if row['devices'] != 1 else ''})"
+        return f"{row['tool']} ({row['devices']} device{'s' if row['devices'] != 1 else ''}{run})"
     return row["tool"]
 
 
@@ -303,7 +343,9 @@ def network_tables(result: dict, network: str, cell=str) -> list[str]:
     lines = [markdown_table(["loss", "tool", "status", "λ", "steps/s", "train s", "compile s", "final loss", "peak MiB",
                              "inference pairs/s", "load avg (1 min)", "note"], speed), ""]
     accuracy = []
-    for r in (r for r in rows if r.get("status") == "ok"):
+    # Repeats rerun the same seeded training, so their accuracy is the first run's (the
+    # speed table lists every run's final loss).
+    for r in (r for r in rows if r.get("status") == "ok" and r.get("repeat", 1) == 1):
         summary = r.get("summary") or {}
         sets = summary.get("eval") or {n: summary[n] for n in ("fives", "sevens") if summary.get(n)}  # older files
         for name, values in sets.items():
@@ -341,12 +383,20 @@ def render(result: dict) -> str:
     if result["comparisons"]:
         times = lambda v: "" if v is None else f"{v:.2f}×"  # noqa: E731
         met = {True: "yes", False: "no", None: ""}
-        rows = [[c["loss"], times(c.get("steps_per_second_ratio")), c.get("jaxreg_devices", 1), c.get("icon_threads"), f"≥ {c['target']:g}×",
+        rows = [[c["loss"], times(c.get("steps_per_second_ratio")), _f(c.get("jaxreg_steps_per_second"), ".2f"),
+                 _f(c.get("icon_steps_per_second"), ".2f"), c.get("jaxreg_devices", 1), c.get("icon_threads"),
+                 ", ".join(times(v) for v in c.get("steps_per_second_ratio_per_round") or []), f"≥ {c['target']:g}×",
                  met[c.get("meets_target")], times(c.get("inference_pairs_per_second_ratio"))]
                 for c in result["comparisons"]]
-        lines += ["## Speed-up", "", markdown_table(["loss", "jaxreg ÷ icon steps/s", "jaxreg devices (its fastest row)",
-                                                     "icon torch threads (its fastest row)", "target", "met",
-                                                     "jaxreg ÷ icon inference pairs/s"], rows), ""]
+        runs = max(c.get("runs_per_config", 1) for c in result["comparisons"])
+        lines += ["## Speed-up", "",
+                  (f"Each configuration ran {runs} times, in turn with the other side's; steps/s are medians over those runs, "
+                   "and each side's fastest configuration (by median) is compared. **per round**: the ratio of both "
+                   "sides' fastest rows within each round." if runs > 1 else
+                   "Each side's fastest row is compared."), "",
+                  markdown_table(["loss", "jaxreg ÷ icon steps/s", "jaxreg steps/s", "icon steps/s", "jaxreg devices (its fastest)",
+                                  "icon torch threads (its fastest)", "per round", "target", "met",
+                                  "jaxreg ÷ icon inference pairs/s"], rows), ""]
     for network in dict.fromkeys(r["network"] for r in result["rows"]):
         lines += [f"## {network}", "", *network_tables(result, network)]
     return "\n".join(lines)
@@ -367,6 +417,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jaxreg-devices", default="1",
                         help="comma-separated device counts, one jaxreg row each (the example's --devices: on CPU, that many "
                              "XLA CPU devices sharing the batch); the speed-up is taken from jaxreg's fastest row")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every configuration this many times, the two sides in turn; speeds are medians over them "
+                             "(on a machine whose speed drifts, 3 gives a steadier ratio than 1)")
     parser.add_argument("--steps-3d", type=int, default=None, help="training steps of the 3-D example (default 200, quick 20)")
     parser.add_argument("--args-3d", default="", help="extra arguments for examples/gradicon_3d.py")
     parser.add_argument("--no-3d", action="store_true", help="leave out the 3-D network row")
@@ -380,6 +433,8 @@ def main(argv=None) -> int:
     cores = len(os.sched_getaffinity(0))
     args.icon_threads = [int(t) for t in (args.icon_threads or str(cores)).split(",") if t.strip()]
     args.jaxreg_devices = [int(t) for t in args.jaxreg_devices.split(",") if t.strip()]
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {args.repeats}")
     args.steps = args.steps or (200 if args.quick else 2000)
     args.steps_3d = args.steps_3d or (20 if args.quick else 200)
     args.timeout = args.timeout or (1800.0 if args.quick else 10800.0)
@@ -401,7 +456,8 @@ def main(argv=None) -> int:
         "load_average_start": os.getloadavg(),
         "settings": {"quick": args.quick, "steps": args.steps, "steps_3d": args.steps_3d, "losses": losses, "seed": args.seed,
                      "data": args.data, "peer_python": args.peer_python, "target_speedup": TARGET_SPEEDUP,
-                     "threads": cores, "icon_threads": args.icon_threads, "jaxreg_devices": args.jaxreg_devices},
+                     "threads": cores, "icon_threads": args.icon_threads, "jaxreg_devices": args.jaxreg_devices,
+                     "repeats": args.repeats},
         "rows": [],
         "comparisons": [],
     }

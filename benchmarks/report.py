@@ -365,11 +365,18 @@ def amortized_section(result: dict, plots: Plots) -> list[str]:
         lines += [f"!!! warning\n    {busy}", ""]
     comparisons = result.get("comparisons") or []
     if comparisons:
-        table = [[c["loss"], _f(c.get("steps_per_second_ratio"), ".2f"), c.get("icon_threads"), _f(c.get("target"), "g"),
+        runs = max(c.get("runs_per_config", 1) for c in comparisons)
+        if runs > 1:
+            lines += [f"Each configuration ran {runs} times, in turn with the other side's; the speed-up compares both "
+                      "sides' fastest configurations by their median steps/s, and **per round** gives the ratio within "
+                      "each round.", ""]
+        table = [[c["loss"], _f(c.get("steps_per_second_ratio"), ".2f"),
+                  ", ".join(_f(v, ".2f") for v in c.get("steps_per_second_ratio_per_round") or []),
+                  c.get("jaxreg_devices", 1), c.get("icon_threads"), _f(c.get("target"), "g"),
                   {True: "yes", False: "no"}.get(c.get("meets_target"), ""), _f(c.get("inference_pairs_per_second_ratio"), ".2f")]
                  for c in comparisons]
-        lines += [markdown_table(["loss", "speed-up (training)", "icon torch threads (fastest)", "target", "met",
-                                  "speed-up (inference)"], table), ""]
+        lines += [markdown_table(["loss", "speed-up (training)", "per round", "jaxreg devices (fastest)", "icon torch threads (fastest)",
+                                  "target", "met", "speed-up (inference)"], table), ""]
     rows = result.get("rows") or []
     for network in dict.fromkeys(r["network"] for r in rows):
         lines += [f"### {network}", "", *network_tables(result, network, cell=_cell)]
