@@ -158,6 +158,8 @@ def test_given_fixed_computes_the_plain_call_and_its_gradient(hidden, channels):
         np.testing.assert_allclose(batched(stacked_m, stacked_f)[i], plain(stacked_m[i], stacked_f[i]).field, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="shape"):
         head.given_fixed(fixed)(jnp.zeros((6, 4)))
+    with pytest.raises(ValueError, match="channel"):
+        head.backbone.given_fixed(jnp.zeros((6, 5, channels + 1)))
 
 
 def test_multistep_trajectory_records_every_step():

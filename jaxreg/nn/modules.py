@@ -117,6 +117,8 @@ class MLP(nnx.Module):
         self._check_shape(fixed)
         first, rest = self.hidden[0] if self.hidden else self.out, list(self.hidden)[1:]
         channels = fixed.shape[-1]
+        if 2 * channels * math.prod(self.shape) != first.kernel.shape[0]:
+            raise ValueError(f"this MLP was built for {first.kernel.shape[0] // (2 * math.prod(self.shape))} channel(s) per image; the fixed image has {channels}")
         kernel = first.kernel[...].reshape(math.prod(self.shape), 2 * channels, -1)
         moving_rows = kernel[:, :channels].reshape(-1, kernel.shape[-1])
         fixed_share = fixed.reshape(-1) @ kernel[:, channels:].reshape(-1, kernel.shape[-1]) + first.bias[...]
