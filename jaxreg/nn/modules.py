@@ -71,13 +71,18 @@ def _with_channels(image, ndim: int, *, name: str):
     raise ValueError(f"{name} must be (*spatial) or (*spatial, C) with {ndim} spatial axes; got shape {image.shape}")
 
 
-def stack_pair(moving, fixed, ndim: int):
-    """The network input: ``moving`` and ``fixed`` stacked along a channel axis, ``(*spatial, 2C)``."""
+def _checked_pair(moving, fixed, ndim: int):
+    """``moving`` and ``fixed`` as float32 ``(*spatial, C)`` images of one shape."""
     m = _with_channels(moving, ndim, name="moving")
     f = _with_channels(fixed, ndim, name="fixed")
     if m.shape != f.shape:
         raise ValueError(f"moving and fixed must have the same shape for a network; got {m.shape} and {f.shape}")
-    return jnp.concatenate([m, f], axis=-1).astype(jnp.float32)
+    return m.astype(jnp.float32), f.astype(jnp.float32)
+
+
+def stack_pair(moving, fixed, ndim: int):
+    """The network input: ``moving`` and ``fixed`` stacked along a channel axis, ``(*spatial, 2C)``."""
+    return jnp.concatenate(_checked_pair(moving, fixed, ndim), axis=-1)
 
 
 # ---------------------------------------------------------------------------- backbones
@@ -100,8 +105,18 @@ class MLP(nnx.Module):
 
     def __call__(self, pair):
         self._check_shape(pair)
-        x = pair.reshape(-1)
-        for layer in self.hidden:
+        return self._after_first_layer(self._first_layer(pair.reshape(-1)))
+
+    @property
+    def _first_layer(self):
+        return self.hidden[0] if self.hidden else self.out
+
+    def _after_first_layer(self, x):
+        """The field from the first layer's output (before its activation)."""
+        if not self.hidden:
+            return x.reshape(self.shape + (self.ndim,))
+        x = nnx.relu(x)
+        for layer in list(self.hidden)[1:]:
             x = nnx.relu(layer(x))
         return self.out(x).reshape(self.shape + (self.ndim,))
 
@@ -115,7 +130,7 @@ class MLP(nnx.Module):
         Equal to the plain call up to float rounding (the first layer sums in two parts).
         """
         self._check_shape(fixed)
-        first, rest = self.hidden[0] if self.hidden else self.out, list(self.hidden)[1:]
+        first = self._first_layer
         channels = fixed.shape[-1]
         if 2 * channels * math.prod(self.shape) != first.kernel.shape[0]:
             raise ValueError(f"this MLP was built for {first.kernel.shape[0] // (2 * math.prod(self.shape))} channel(s) per image; the fixed image has {channels}")
@@ -125,13 +140,7 @@ class MLP(nnx.Module):
 
         def look(moving):
             self._check_shape(moving)
-            x = moving.reshape(-1) @ moving_rows + fixed_share
-            if not self.hidden:
-                return x.reshape(self.shape + (self.ndim,))
-            x = nnx.relu(x)
-            for layer in rest:
-                x = nnx.relu(layer(x))
-            return self.out(x).reshape(self.shape + (self.ndim,))
+            return self._after_first_layer(moving.reshape(-1) @ moving_rows + fixed_share)
 
         return look
 
@@ -203,10 +212,7 @@ class DisplacementField(nnx.Module):
         look = self.backbone.given_fixed(fixed_channels)
 
         def call(moving):
-            m = _with_channels(moving, self.ndim, name="moving")
-            if m.shape != fixed_channels.shape:
-                raise ValueError(f"moving and fixed must have the same shape for a network; got {m.shape} and {fixed_channels.shape}")
-            return Displacement(look(m.astype(jnp.float32)))
+            return Displacement(look(_checked_pair(moving, fixed_channels, self.ndim)[0]))
 
         return call
 
