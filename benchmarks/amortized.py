@@ -41,6 +41,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -248,12 +249,6 @@ def _config(row: dict):
     return (row["tool"], row.get("devices"), row.get("threads"))
 
 
-def _median(values):
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
-
-
 def compare(rows: list[dict]) -> list[dict]:
     """Per loss, jaxreg's fastest configuration against icon_registration's (over device and
     thread counts), each by its median steps/s over the repeats. With repeats, also the
@@ -266,7 +261,7 @@ def compare(rows: list[dict]) -> list[dict]:
         by_config = {}
         for r in ok:
             by_config.setdefault(_config(r), []).append(r)
-        medians = {config: {key: _median([r["summary"][key] for r in runs if r["summary"].get(key)] or [0.0])
+        medians = {config: {key: statistics.median([r["summary"][key] for r in runs if r["summary"].get(key)] or [0.0])
                             for key in ("steps_per_second", "inference_pairs_per_second")}
                    for config, runs in by_config.items()}
         ours = [c for c in medians if c[0] == "jaxreg"]
