@@ -106,6 +106,12 @@ def _config():
 _programs: collections.OrderedDict = collections.OrderedDict()
 
 
+def traced(args) -> bool:
+    """Whether any leaf of ``args`` is a tracer: then there is nothing to compile ahead of
+    time, and the caller runs its function inline (under the outer transformation)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(args))
+
+
 def compiled(fn: Callable, args: tuple):
     """``jax.jit(fn).lower(*args).compile()``, or the executable made for an equal function
     and arguments of the same shapes earlier in this process. Returns ``(executable,

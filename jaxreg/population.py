@@ -100,7 +100,7 @@ def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, 
         return jax.lax.map(lambda pair: one(*pair), (f, m), batch_size=int(batch_size))
 
     if devices is None:
-        if any(isinstance(x, jax.core.Tracer) for x in (fixed, moving)):
+        if _programs.traced((fixed, moving)):
             return run(fixed, moving)
         program, _ = _programs.compiled(run, (fixed, moving))
         return program(fixed, moving)

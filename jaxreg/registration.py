@@ -248,7 +248,7 @@ def _run_level(fn: Callable, args: tuple, clock: _Clock | None):
     """``jax.jit(fn)(*args)``, compiled ahead of time when ``args`` are concrete so that
     compiling and running are timed apart, and kept for the next call of an equal level
     (:mod:`jaxreg._programs`)."""
-    if clock is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+    if clock is None or _programs.traced(args):
         if clock is not None:
             clock.traced = True
         return jax.jit(fn)(*args)
