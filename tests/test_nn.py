@@ -322,6 +322,18 @@ def test_training_reduces_the_loss_and_is_deterministic(tmp_path):
     assert int(state_a.step) == 60 and "compile_seconds" in history_a[0]
 
 
+def test_before_chunk_is_called_before_every_chunk_and_changes_nothing():
+    sampler = _translation_sampler()
+    make = lambda: jnn.Multistep(jnn.DisplacementField(jnn.MLP((8, 8), hidden=(8,), rngs=nnx.Rngs(0))), steps=2)  # noqa: E731
+    calls = []
+    _, hooked, history = jnn.train(make(), jnn.regularized(), sampler, optax.adam(1e-3), steps=12, log_every=5, seed=2,
+                                   progress=False, before_chunk=lambda: calls.append(None))
+    _, plain, _ = jnn.train(make(), jnn.regularized(), sampler, optax.adam(1e-3), steps=12, log_every=5, seed=2, progress=False)
+    assert [h["step"] for h in history] == [5, 10, 12] and len(calls) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(hooked.params), jax.tree_util.tree_leaves(plain.params)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_checkpoint_resume_continues_the_same_run(tmp_path):
     sampler = _translation_sampler()
     make = lambda: jnn.Multistep(jnn.DisplacementField(jnn.MLP((8, 8), hidden=(8,), rngs=nnx.Rngs(0))), steps=2)  # noqa: E731
@@ -404,6 +416,21 @@ def test_data_parallel_loss_and_gradients_equal_single_device():
         _, s1, _ = jnn.train(net, loss_fn, sampler, optax.sgd(0.1), steps=3, log_every=3, progress=False)
         for a, b in zip(jax.tree_util.tree_leaves(s8.params), jax.tree_util.tree_leaves(s1.params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+        # The devices average their gradients once per training step, not inside the
+        # network's own loop over its steps: one computation holds all-reduces (the
+        # training loop's body).
+        sharding = NamedSharding(mesh, PartitionSpec("data"))
+        graph4, state4 = training.init(jnn.Multistep(net.net, steps=4), optax.sgd(0.1))
+        chunk = jax.jit(training.make_chunk(graph4, loss_fn, optax.sgd(0.1), sampler, 2, batch_sharding=sharding))
+        hlo = chunk.lower(jax.device_put(state4, NamedSharding(mesh, PartitionSpec()))).compile().as_text()
+        bodies = [c for c in hlo.split("\\n\\n") if "all-reduce(" in c]
+        assert len(bodies) == 1, [c.splitlines()[0] for c in bodies]
+        try:
+            training.make_step(graph, loss_fn, optax.sgd(0.1), sampler, batch_sharding=sharding)(state, {k: v[:12] for k, v in batch.items()})
+        except ValueError as e:
+            assert "12" in str(e) and "8 devices" in str(e), e
+        else:
+            raise AssertionError("an uneven batch was accepted")
         print("ok")
         """
     )

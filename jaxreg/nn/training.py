@@ -25,6 +25,7 @@ axis; the loss is the mean over pairs of ``loss_fn(net, pair)`` (see
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -98,9 +99,19 @@ def batch_loss(graph, params, loss_fn: Callable, batch: dict):
     return jnp.mean(losses), metrics
 
 
-def make_step(graph, loss_fn: Callable, optimizer: optax.GradientTransformation, sampler: Callable):
-    """``step(state, batch=None) -> (state, metrics)``; the batch is drawn from ``state.key`` if not given."""
+def make_step(graph, loss_fn: Callable, optimizer: optax.GradientTransformation, sampler: Callable, *, batch_sharding=None):
+    """``step(state, batch=None) -> (state, metrics)``; the batch is drawn from ``state.key`` if not given.
+
+    With ``batch_sharding`` (a :class:`NamedSharding` splitting the pairs over a mesh axis)
+    each device computes the loss and gradient of its own pairs, and the means are
+    averaged over the devices once per step (``lax.pmean`` in a ``shard_map``). Left to
+    the compiler, the replicated parameters' gradient was all-reduced inside the network's
+    step loop, once per step of :class:`Multistep` (7 all-reduces per training step for
+    the MNIST network).
+    """
     grad_fn = jax.value_and_grad(lambda params, batch: batch_loss(graph, params, loss_fn, batch), has_aux=True)
+    if batch_sharding is not None:
+        grad_fn = _data_parallel(grad_fn, batch_sharding)
 
     def step(state: TrainState, batch: dict | None = None):
         key, draw = jax.random.split(state.key)
@@ -114,17 +125,43 @@ def make_step(graph, loss_fn: Callable, optimizer: optax.GradientTransformation,
     return step
 
 
+def _data_parallel(grad_fn: Callable, batch_sharding: NamedSharding) -> Callable:
+    """``grad_fn(params, batch)`` computed per shard of the batch and averaged over the
+    shards (equal shards: the mean over all pairs)."""
+    axes = batch_sharding.spec[0] if len(batch_sharding.spec) else None  # a mesh axis name, or a tuple of them
+    if not axes:
+        raise ValueError(f"batch_sharding must split the first (pair) axis over a mesh axis; got {batch_sharding.spec}")
+    mesh = batch_sharding.mesh
+    shards = math.prod(mesh.shape[axis] for axis in ((axes,) if isinstance(axes, str) else axes))
+
+    def local(params, batch):
+        # Differentiate with respect to per-device copies: the gradient of the replicated
+        # parameters would otherwise be summed over the devices at every use inside loops.
+        return jax.lax.pmean(grad_fn(jax.lax.pcast(params, axes, to="varying"), batch), axes)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(axes)), out_specs=PartitionSpec())
+
+    def data_parallel(params, batch):
+        pairs = {jnp.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(batch)}
+        if any(n % shards for n in pairs):
+            raise ValueError(f"a batch of {sorted(pairs)} pairs cannot be split evenly over {shards} devices; "
+                             "choose a batch size that is a multiple of the device count")
+        return sharded(params, batch)
+
+    return data_parallel
+
+
 def make_chunk(graph, loss_fn: Callable, optimizer: optax.GradientTransformation, sampler: Callable, length: int, *, batch_sharding=None):
-    """``chunk(state) -> (state, metrics)``: ``length`` steps in one ``lax.scan`` (metrics averaged)."""
-    step = make_step(graph, loss_fn, optimizer, sampler)
+    """``chunk(state) -> (state, metrics)``: ``length`` steps in one ``lax.scan`` (metrics
+    averaged); ``batch_sharding`` as in :func:`make_step`."""
+    step = make_step(graph, loss_fn, optimizer, sampler, batch_sharding=batch_sharding)
 
     def body(state, _):
         if batch_sharding is None:
             return step(state)
         key, draw = jax.random.split(state.key)
         batch = jax.lax.with_sharding_constraint(sampler(draw), batch_sharding)
-        new_state, metrics = step(state._replace(key=key), batch)
-        return new_state, metrics
+        return step(state._replace(key=key), batch)
 
     def chunk(state):
         state, metrics = jax.lax.scan(body, state, None, length=length)
@@ -266,6 +303,7 @@ def train(
     devices: Sequence | None = None,
     progress: bool = True,
     log_file: str | Path | None = None,
+    before_chunk: Callable[[], None] | None = None,
 ):
     """Train ``model`` for ``steps`` optimizer steps; returns ``(model, state, history)``.
 
@@ -276,6 +314,8 @@ def train(
     every ``checkpoint_every`` steps (default: at the end only) and, with ``resume``, a run
     starts from the checkpoint if it exists. ``log_file`` receives the history as JSON
     lines. With ``devices`` (a list of several) the batch is sharded over them.
+    ``before_chunk()`` is called before every chunk, outside its timing (the benchmarks
+    use it to take turns with another program on the same machine).
     """
     if int(steps) < 0:
         raise ValueError(f"steps must be >= 0; got {steps}")
@@ -306,6 +346,8 @@ def train(
             length = min(log_every - done % log_every, steps - done)
             if length not in chunks:
                 chunks[length] = jax.jit(make_chunk(graph, loss_fn, optimizer, sampler, length, batch_sharding=batch_sharding), donate_argnums=0)
+            if before_chunk is not None:
+                before_chunk()
             t0 = time.perf_counter()
             first_call = len(history) == 0
             state, metrics = chunks[length](state)
