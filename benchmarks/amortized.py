@@ -5,25 +5,29 @@
     python benchmarks/amortized.py --steps 100 --losses diffusion,gradicon --out /tmp/amortized
 
 Writes ``amortized.json`` and ``amortized.md`` into ``--out`` (default
-``benchmarks/results``) and prints the Markdown. Every run is its own Python process, one
-after the other, so that speed and peak memory are its own and a crash costs one row:
+``benchmarks/results``) and prints the Markdown. Every run is its own Python process, so
+that speed and peak memory are its own and a crash costs one row. The runs of one loss
+(every configuration of both sides) run **side by side, taking turns** on the machine
+(:mod:`benchmarks._turns`): only the process holding the turn computes, and the turn goes
+round every 50 training steps, so a machine whose speed drifts slows both sides alike
+(``--one-at-a-time`` runs them one after the other instead). Steps/s count only the
+steps, not the waits for a turn, and the ratio is also reported turn by turn.
 
 - ``jaxreg``: ``python examples/mnist_multistep.py --steps N --out DIR --data PATH --loss L
-  --seed S --devices K`` (JAX's persistent compilation cache off), once per
+  --seed S --lmbda λ --devices K`` (JAX's persistent compilation cache off), once per
   ``--jaxreg-devices`` value (default 1; on CPU, K XLA CPU devices share each batch, the
   data-parallel path of :func:`jaxreg.nn.train`); it writes ``DIR/metrics.json``. The
   speed-up is taken from jaxreg's fastest row, as icon's is from its fastest.
 - ``icon_registration``: ``python benchmarks/peers/icon_mnist.py`` with the same steps,
-  data, loss and seed, and the λ the jaxreg run reports (``lmbda`` in its metrics; the
-  peer's default 0.05 otherwise), converted to icon's convention inside the peer (see its
-  docstring). It runs with ``--peer-python`` (default: this interpreter), so a virtual
-  environment holding the ``bench`` extra can serve it, once per ``--icon-threads`` value
-  (torch threads; default the cores available). The speed-up is taken against icon's
-  fastest row: on a busy machine torch's OpenMP threads slow down far more than XLA's
-  (200 steps here at a 1-minute load average of 3 to 5 on 2 cores: 0.8 to 2.9 steps/s
-  with 2 threads, 4.8 with 1), so ``--icon-threads 1,2`` keeps the comparison fair there.
-  Each row records the 1-minute load average before and after it, and the Markdown warns
-  when the machine was busy.
+  data, loss, seed and λ (``--lmbda``, jaxreg's convention, converted to icon's inside
+  the peer; see its docstring). It runs with ``--peer-python`` (default: this
+  interpreter), so a virtual environment holding the ``bench`` extra can serve it, once
+  per ``--icon-threads`` value (torch threads; default the cores available). The
+  speed-up is taken against icon's fastest row: on a busy machine torch's OpenMP threads
+  slow down far more than XLA's (200 steps here at a 1-minute load average of 3 to 5 on
+  2 cores: 0.8 to 2.9 steps/s with 2 threads, 4.8 with 1), so ``--icon-threads 1,2``
+  keeps the comparison fair there. Each row records the 1-minute load average before and
+  after it, and the Markdown warns when the machine was busy.
 - a 3-D network row: ``python examples/gradicon_3d.py --steps N3 --out DIR`` when that
   example exists (jaxreg only: no icon 3-D peer here yet).
 
@@ -94,6 +98,9 @@ def summarize(metrics: dict) -> dict:
                                             contains=("inference", "per_s")),
         "lmbda": _find(metrics, "lmbda", "lambda", "lam"),
     }
+    blocks = metrics.get("block_steps_per_second")
+    if isinstance(blocks, list) and all(isinstance(v, (int, float)) for v in blocks):
+        out["block_steps_per_second"] = blocks
     out["eval"] = {}
     for name, values in eval_sets(metrics).items():
         values = dict(values)
@@ -150,25 +157,35 @@ def _slim(metrics: dict, limit: int = 400) -> dict:
 # ------------------------------------------------------------------------ running
 
 
-def run_one(command, folder, timeout, env) -> dict:
-    """Run ``command`` (which writes ``folder/metrics.json``) in a fresh process group."""
-    os.makedirs(folder, exist_ok=True)
-    log_path = os.path.join(folder, "log.txt")
+def run_group(jobs, timeout: float, *, in_turn: bool = True) -> list[dict]:
+    """Run ``jobs`` (``(command, folder, env)`` each; the command writes ``folder/metrics.json``)
+    and return one record per job. ``in_turn``: side by side, taking turns on the machine
+    (:mod:`benchmarks._turns`: only one computes at a time, and the turn goes round every
+    block of timed work, so that a drifting machine slows every job alike); otherwise one
+    after the other. ``timeout`` is per job."""
+    if not in_turn:
+        return [record for job in jobs for record in run_group([job], timeout)]
+    from benchmarks._turns import run_in_turn
+
+    for _, folder, _ in jobs:
+        os.makedirs(folder, exist_ok=True)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, 9)  # our own child's group
-            proc.wait()
-    record = {"command": [os.path.relpath(c, REPO) if os.path.isabs(c) and c.startswith(REPO) else c for c in command],
-              "process_s": time.perf_counter() - start, "load_average_1min": [load_before, os.getloadavg()[0]]}
+    outcomes = run_in_turn([(command, os.path.join(folder, "log.txt"), env) for command, folder, env in jobs],
+                           timeout=timeout * len(jobs), cwd=REPO)
+    process_s, load = time.perf_counter() - start, [load_before, os.getloadavg()[0]]
+    records = []
+    for (command, folder, _), outcome in zip(jobs, outcomes):
+        record = {"command": [os.path.relpath(c, REPO) if os.path.isabs(c) and c.startswith(REPO) else c for c in command],
+                  "process_s": process_s, "load_average_1min": load, "turns": outcome["turns"],
+                  "side_by_side": len(jobs)}
+        records.append(_outcome(record, folder, outcome, timeout * len(jobs)))
+    return records
+
+
+def _outcome(record: dict, folder: str, outcome: dict, timeout: float) -> dict:
     metrics_path = os.path.join(folder, "metrics.json")
-    if proc.returncode == 0 and os.path.exists(metrics_path):
+    if outcome["returncode"] == 0 and os.path.exists(metrics_path):
         with open(metrics_path) as f:
             metrics = json.load(f)
         if "skipped" in metrics:
@@ -179,9 +196,9 @@ def run_one(command, folder, timeout, env) -> dict:
             if curve:
                 record["loss_curve"] = curve
         return record
-    with open(log_path, errors="replace") as f:
+    with open(os.path.join(folder, "log.txt"), errors="replace") as f:
         tail = [line.strip() for line in f.read().splitlines() if line.strip() and "WARNING" not in line][-3:]
-    why = f"timed out after {timeout:.0f} s" if timed_out else f"exit code {proc.returncode}"
+    why = f"timed out after {timeout:.0f} s" if outcome["timed_out"] else f"exit code {outcome['returncode']}"
     record.update(status="error", note=f"{why}: {' | '.join(tail)[-400:]}")
     return record
 
@@ -195,40 +212,36 @@ def environment(jax_side: bool) -> dict:
 
 
 def mnist_rows(loss: str, args, workdir: str) -> list[dict]:
-    """Every configuration of one loss, ``args.repeats`` times in turn (jaxreg's device
-    counts, then icon's thread counts, then again), so that a machine whose speed drifts
-    slows both sides alike; each run is a row with its ``repeat`` number."""
+    """Every configuration of one loss (jaxreg's device counts, icon's thread counts),
+    ``args.repeats`` times; each time all of them side by side taking turns (or one after
+    the other with ``--one-at-a-time``). Each run is a row with its ``repeat`` number."""
     base = {"network": "mnist-multistep", "loss": loss, "steps": args.steps, "seed": args.seed}
-    rows, lmbda = [], None
+    common = ["--steps", str(args.steps), "--data", args.data, "--loss", loss, "--seed", str(args.seed),
+              "--lmbda", repr(args.lmbda)]
+    rows = []
     for repeat in range(1, args.repeats + 1):
         tag = dict(repeat=repeat) if args.repeats > 1 else {}
         suffix = f"-run{repeat}" if args.repeats > 1 else ""
+        planned, jobs = [], []
         for devices in args.jaxreg_devices:
-            jax_row = dict(base, tool="jaxreg", devices=devices, **tag)
+            row = dict(base, tool="jaxreg", devices=devices, **tag)
             folder = os.path.join(workdir, f"jaxreg-{loss}-{devices}{suffix}")
             if not os.path.exists(JAXREG_EXAMPLE):
-                jax_row.update(status="skipped", note="examples/mnist_multistep.py not found (the jaxreg side of this experiment is not written yet)")
+                row.update(status="skipped", note="examples/mnist_multistep.py not found (the jaxreg side of this experiment is not written yet)")
             else:
-                command = [sys.executable, JAXREG_EXAMPLE, "--steps", str(args.steps), "--out", folder,
-                           "--data", args.data, "--loss", loss, "--seed", str(args.seed), "--devices", str(devices)]
-                print(f"[{loss}] jaxreg, {devices} device(s){suffix} ...", file=sys.stderr, flush=True)
-                jax_row.update(run_one(command, folder, args.timeout, environment(True)))
-            rows.append(jax_row)
-            if lmbda is None:
-                lmbda = (jax_row.get("summary") or {}).get("lmbda")
-
+                jobs.append(([sys.executable, JAXREG_EXAMPLE, "--out", folder, *common, "--devices", str(devices)],
+                             folder, environment(True)))
+            planned.append(row)
         for threads in args.icon_threads:
-            icon_row = dict(base, tool="icon_registration", threads=threads, **tag)
             folder = os.path.join(workdir, f"icon-{loss}-{threads}{suffix}")
-            command = [args.peer_python, ICON_PEER, "--steps", str(args.steps), "--out", folder, "--data", args.data,
-                       "--loss", loss, "--seed", str(args.seed), "--threads", str(threads)]
-            if lmbda is not None:
-                command += ["--lmbda", repr(lmbda)]
-            else:
-                icon_row["lmbda_note"] = "the jaxreg run reported no λ: the peer used its default (0.05 in jaxreg's convention)"
-            print(f"[{loss}] icon_registration, {threads} torch threads{suffix} ...", file=sys.stderr, flush=True)
-            icon_row.update(run_one(command, folder, args.timeout, environment(False)))
-            rows.append(icon_row)
+            jobs.append(([args.peer_python, ICON_PEER, "--out", folder, *common, "--threads", str(threads)],
+                         folder, environment(False)))
+            planned.append(dict(base, tool="icon_registration", threads=threads, **tag))
+        names = ", ".join(tool_name(r) for r in planned if "status" not in r)
+        how = "one after the other" if args.one_at_a_time else "side by side, in turn"
+        print(f"[{loss}] {names}: {how} ...", file=sys.stderr, flush=True)
+        records = iter(run_group(jobs, args.timeout, in_turn=not args.one_at_a_time))
+        rows += [row if "status" in row else dict(row, **next(records)) for row in planned]
     return rows
 
 
@@ -240,13 +253,28 @@ def network3d_rows(args, workdir: str) -> list[dict]:
     folder = os.path.join(workdir, "jaxreg-3d")
     command = [sys.executable, JAXREG_3D_EXAMPLE, "--steps", str(args.steps_3d), "--out", folder, *args.args_3d.split()]
     print("[3-D] jaxreg ...", file=sys.stderr, flush=True)
-    row.update(run_one(command, folder, args.timeout, environment(True)))
+    row.update(run_group([(command, folder, environment(True))], args.timeout)[0])
     return [row, {"network": row["network"], "loss": "gradicon", "tool": "icon_registration", "status": "skipped",
                   "note": "no icon_registration 3-D peer in this suite yet"}]
 
 
 def _config(row: dict):
     return (row["tool"], row.get("devices"), row.get("threads"))
+
+
+def turn_ratios(ours: list[dict], theirs: list[dict]) -> list[float]:
+    """The ratio of both sides' speeds within each turn they took side by side: the k-th
+    block of steps of one run against the k-th of the other run of the same round (the
+    first block, holding start-up and compilation, left out)."""
+    ratios = []
+    for a in ours:
+        for b in theirs:
+            if a.get("repeat") != b.get("repeat") or not (a.get("side_by_side", 1) > 1 and b.get("side_by_side", 1) > 1):
+                continue
+            ours_blocks = a["summary"].get("block_steps_per_second") or []
+            theirs_blocks = b["summary"].get("block_steps_per_second") or []
+            ratios += [x / y for x, y in zip(ours_blocks[1:], theirs_blocks[1:]) if y > 0]
+    return ratios
 
 
 def compare(rows: list[dict]) -> list[dict]:
@@ -287,6 +315,10 @@ def compare(rows: list[dict]) -> list[dict]:
                 per_round.append(max(a) / max(b))
         if per_round:
             record["steps_per_second_ratio_per_round"] = per_round
+        per_turn = turn_ratios([r for r in ok if _config(r) == best_ours], [r for r in ok if _config(r) == best_theirs])
+        if per_turn:
+            record["steps_per_second_ratio_per_turn"] = {"median": statistics.median(per_turn), "min": min(per_turn),
+                                                         "max": max(per_turn), "turns": len(per_turn)}
         if "steps_per_second_ratio" in record:
             record["meets_target"] = record["steps_per_second_ratio"] >= TARGET_SPEEDUP
         out.append(record)
@@ -351,6 +383,13 @@ def network_tables(result: dict, network: str, cell=str) -> list[str]:
     return lines
 
 
+def per_turn(comparison: dict) -> str:
+    turns = comparison.get("steps_per_second_ratio_per_turn")
+    if not turns:
+        return ""
+    return f"{turns['median']:.2f}× ({turns['min']:.2f}–{turns['max']:.2f}×, {turns['turns']} turns)"
+
+
 def render(result: dict) -> str:
     from benchmarks._timing import code_line, markdown_table
 
@@ -380,17 +419,23 @@ def render(result: dict) -> str:
         met = {True: "yes", False: "no", None: ""}
         rows = [[c["loss"], times(c.get("steps_per_second_ratio")), _f(c.get("jaxreg_steps_per_second"), ".2f"),
                  _f(c.get("icon_steps_per_second"), ".2f"), c.get("jaxreg_devices", 1), c.get("icon_threads"),
-                 ", ".join(times(v) for v in c.get("steps_per_second_ratio_per_round") or []), f"≥ {c['target']:g}×",
+                 ", ".join(times(v) for v in c.get("steps_per_second_ratio_per_round") or []), per_turn(c), f"≥ {c['target']:g}×",
                  met[c.get("meets_target")], times(c.get("inference_pairs_per_second_ratio"))]
                 for c in result["comparisons"]]
         runs = max(c.get("runs_per_config", 1) for c in result["comparisons"])
+        how = ("All configurations of a loss ran side by side, taking turns on the machine every 50 training steps (only "
+               "the one holding the turn computes; start-up, compilation and evaluation run in turns of their own), so "
+               "that a machine whose speed drifts slows both sides alike. **per turn**: the ratio of the two compared "
+               "configurations within each turn (the k-th block of 50 steps of each; the first, with start-up, left out), "
+               "median (min–max) over the turns. "
+               if s.get("side_by_side") else "")
         lines += ["## Speed-up", "",
-                  (f"Each configuration ran {runs} times, in turn with the other side's; steps/s are medians over those runs, "
-                   "and each side's fastest configuration (by median) is compared. **per round**: the ratio of both "
-                   "sides' fastest rows within each round." if runs > 1 else
-                   "Each side's fastest row is compared."), "",
+                  how + (f"Each configuration ran {runs} times; steps/s are medians over those runs, "
+                         "and each side's fastest configuration (by median) is compared. **per round**: the ratio of both "
+                         "sides' fastest rows within each round." if runs > 1 else
+                         "Each side's fastest row is compared."), "",
                   markdown_table(["loss", "jaxreg ÷ icon steps/s", "jaxreg steps/s", "icon steps/s", "jaxreg devices (its fastest)",
-                                  "icon torch threads (its fastest)", "per round", "target", "met",
+                                  "icon torch threads (its fastest)", "per round", "per turn", "target", "met",
                                   "jaxreg ÷ icon inference pairs/s"], rows), ""]
     for network in dict.fromkeys(r["network"] for r in result["rows"]):
         lines += [f"## {network}", "", *network_tables(result, network)]
@@ -415,6 +460,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every configuration this many times, the two sides in turn; speeds are medians over them "
                              "(on a machine whose speed drifts, 3 gives a steadier ratio than 1)")
+    parser.add_argument("--lmbda", type=float, default=0.05,
+                        help="weight of the regularity / inverse-consistency term, jaxreg's convention (both sides)")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="run the configurations one after the other instead of side by side taking turns")
     parser.add_argument("--steps-3d", type=int, default=None, help="training steps of the 3-D example (default 200, quick 20)")
     parser.add_argument("--args-3d", default="", help="extra arguments for examples/gradicon_3d.py")
     parser.add_argument("--no-3d", action="store_true", help="leave out the 3-D network row")
@@ -452,7 +501,7 @@ def main(argv=None) -> int:
         "settings": {"quick": args.quick, "steps": args.steps, "steps_3d": args.steps_3d, "losses": losses, "seed": args.seed,
                      "data": args.data, "peer_python": args.peer_python, "target_speedup": TARGET_SPEEDUP,
                      "threads": cores, "icon_threads": args.icon_threads, "jaxreg_devices": args.jaxreg_devices,
-                     "repeats": args.repeats},
+                     "repeats": args.repeats, "lmbda": args.lmbda, "side_by_side": not args.one_at_a_time},
         "rows": [],
         "comparisons": [],
     }

@@ -358,7 +358,7 @@ def amortized_section(result: dict, plots: Plots) -> list[str]:
              "each run in its own process (the experiment is specified in `benchmarks/peers/icon_mnist.py`). "
              "**steps/s**: training steps per second after the warm-up steps; **speed-up** = jaxreg steps/s ÷ "
              "icon_registration steps/s.", ""]
-    from benchmarks.amortized import busy_note, network_tables, tool_name
+    from benchmarks.amortized import busy_note, network_tables, per_turn, tool_name
 
     busy = busy_note(result) if result.get("rows") else ""
     if busy:
@@ -366,16 +366,20 @@ def amortized_section(result: dict, plots: Plots) -> list[str]:
     comparisons = result.get("comparisons") or []
     if comparisons:
         runs = max(c.get("runs_per_config", 1) for c in comparisons)
+        if settings.get("side_by_side"):
+            lines += ["All configurations of a loss ran side by side, taking turns on the machine every 50 training "
+                      "steps (only the one holding the turn computes), so that drift slows both sides alike; **per "
+                      "turn** is the ratio within each turn, median (min–max).", ""]
         if runs > 1:
-            lines += [f"Each configuration ran {runs} times, in turn with the other side's; the speed-up compares both "
+            lines += [f"Each configuration ran {runs} times; the speed-up compares both "
                       "sides' fastest configurations by their median steps/s, and **per round** gives the ratio within "
                       "each round.", ""]
         table = [[c["loss"], _f(c.get("steps_per_second_ratio"), ".2f"),
-                  ", ".join(_f(v, ".2f") for v in c.get("steps_per_second_ratio_per_round") or []),
+                  ", ".join(_f(v, ".2f") for v in c.get("steps_per_second_ratio_per_round") or []), per_turn(c),
                   c.get("jaxreg_devices", 1), c.get("icon_threads"), _f(c.get("target"), "g"),
                   {True: "yes", False: "no"}.get(c.get("meets_target"), ""), _f(c.get("inference_pairs_per_second_ratio"), ".2f")]
                  for c in comparisons]
-        lines += [markdown_table(["loss", "speed-up (training)", "per round", "jaxreg devices (fastest)", "icon torch threads (fastest)",
+        lines += [markdown_table(["loss", "speed-up (training)", "per round", "per turn", "jaxreg devices (fastest)", "icon torch threads (fastest)",
                                   "target", "met", "speed-up (inference)"], table), ""]
     rows = result.get("rows") or []
     for network in dict.fromkeys(r["network"] for r in rows):

@@ -28,6 +28,7 @@ more than 0.1 at some step.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -153,6 +154,16 @@ def figure(path: Path, pairs: dict, warped_steps, fields, count: int = 6):
     plt.close(fig)
 
 
+def benchmark_turn():
+    """When ``benchmarks/amortized.py`` runs this example side by side with its peer, the
+    turn they share the machine by (see ``benchmarks/_turns.py``); None on its own."""
+    if not os.environ.get("JAXREG_BENCH_TURN_FDS"):
+        return None
+    from benchmarks._turns import Turn
+
+    return Turn.from_environment()
+
+
 def training_devices(count: int):
     """The first ``count`` devices (None for one). Without an accelerator JAX is asked for
     ``count`` CPU devices, which must happen before it first runs anything."""
@@ -189,13 +200,15 @@ def main(argv=None) -> int:
     train_fives, eval_fives, eval_sevens = load_digits(args.data, args.seed)
     sampler = datasets.pair_sampler(train_fives, batch_size=args.batch)
     model = jnn.build(SPEC)
-    started = time.perf_counter()
+    turn = benchmark_turn()
     model, state, history = jnn.train(
         model, make_loss(args.loss, lmbda), sampler, optax.adam(args.lr), steps=args.steps, seed=args.seed,
         log_every=50, checkpoint=args.out / "model.ckpt", resume=False, spec=SPEC, log_file=args.out / "log.jsonl",
-        devices=devices,
+        devices=devices, before_chunk=turn,
     )
-    train_seconds = time.perf_counter() - started
+    if turn is not None:
+        turn()  # evaluation and the inference timing below run in a turn of their own
+    train_seconds = sum(h["seconds"] for h in history)  # the training chunks, compilation included
     compile_seconds = history[0]["compile_seconds"] if history else 0.0
     timed = history[1:]
     steps_timed = sum(b["step"] - a["step"] for a, b in zip(history[:-1], history[1:]))
@@ -224,6 +237,7 @@ def main(argv=None) -> int:
         "train_seconds": train_seconds,
         "compile_seconds": compile_seconds,
         "steps_per_second": steps_per_second,
+        "block_steps_per_second": [(b["step"] - a["step"]) / b["seconds"] for a, b in zip([{"step": 0}] + history, history)],
         "final_loss": float(np.mean([h["loss"] for h in history[-1:]])) if history else float("nan"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "inference_pairs_per_second": inference_pairs_per_second,

@@ -37,3 +37,22 @@ def test_compare_with_one_run_per_configuration_has_no_rounds():
     (record,) = amortized.compare(rows)
     assert record["steps_per_second_ratio"] == pytest.approx(2.0) and record["meets_target"] is False
     assert "steps_per_second_ratio_per_round" not in record
+
+
+def test_compare_gives_the_ratio_within_each_turn_taken_side_by_side():
+    def row(tool, speed, blocks, **config):
+        r = _row(tool, speed, None, side_by_side=3, **config)
+        r["summary"]["block_steps_per_second"] = blocks
+        return r
+
+    rows = [row("jaxreg", 20.0, [1.0, 20.0, 30.0, 24.0], devices=1),
+            row("jaxreg", 25.0, [1.0, 30.0, 24.0, 21.0], devices=2),
+            row("icon_registration", 8.0, [0.5, 10.0, 6.0, 7.0], threads=2)]
+    (record,) = amortized.compare(rows)
+    # The fastest configurations (2 devices, 2 threads), turn by turn after the first: 3.0, 4.0, 3.0.
+    assert record["steps_per_second_ratio_per_turn"] == pytest.approx({"median": 3.0, "min": 3.0, "max": 4.0, "turns": 3})
+    assert amortized.per_turn(record) == "3.00× (3.00–4.00×, 3 turns)"
+    # Runs made one after the other have no turns to compare.
+    for r in rows:
+        r["side_by_side"] = 1
+    assert "steps_per_second_ratio_per_turn" not in amortized.compare(rows)[0]

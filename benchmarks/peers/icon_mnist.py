@@ -3,7 +3,8 @@
     python benchmarks/peers/icon_mnist.py --steps 2000 --out results/icon_mnist.json
     python benchmarks/peers/icon_mnist.py --steps 200 --loss gradicon --lmbda 0.75 --out /tmp/icon
 
-Runs alone in its own process and writes one JSON (``--out``: a ``.json`` path, or a folder
+Runs in its own process (when ``benchmarks/amortized.py`` starts it, taking turns with the
+jaxreg runs every 50 training steps; see ``benchmarks/_turns.py``) and writes one JSON (``--out``: a ``.json`` path, or a folder
 that receives ``metrics.json``). It is the peer of ``examples/mnist_multistep.py``; both
 follow one specification, so that steps per second, accuracy and the objective compare:
 
@@ -94,6 +95,7 @@ EVAL_PAIRS = 256
 INFERENCE_BATCH = 256
 STEPS_PER_PAIR = 8  # MLP applications per registration
 WARMUP_STEPS = 10
+BLOCK = 50  # training steps per turn when sharing the machine (jaxreg's chunk length)
 LAST_STEPS = 50
 LEARNING_RATE = 1e-3
 OBJECTIVE_LMBDA = 0.05  # λ of the reported objective when the training loss is not diffusion
@@ -222,6 +224,18 @@ def smooth_field(rng, shape, amplitude, sigma=3.0) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- icon (torch)
+
+
+def benchmark_turn():
+    """When ``benchmarks/amortized.py`` runs this peer side by side with jaxreg, the turn
+    they share the machine by (``benchmarks/_turns.py``; the repository is on
+    ``PYTHONPATH`` there); None on its own."""
+    if not os.environ.get("JAXREG_BENCH_TURN_FDS"):
+        return None
+    sys.path.insert(0, REPO)
+    from benchmarks._turns import Turn
+
+    return Turn.from_environment()
 
 
 def import_icon():
@@ -407,23 +421,29 @@ def main(argv=None) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     train = torch.from_numpy(data["train"])[:, None]  # [N, 1, 28, 28]
     generator = torch.Generator().manual_seed(args.seed)
-    losses, step_ends = [], []
+    losses, step_seconds = [], []
     rss_before = peak_rss_mib()
     model.train()
-    start = time.perf_counter()
+    turn = benchmark_turn()
     for step in range(args.steps):
+        if turn is not None and step % BLOCK == 0:
+            turn()
+        t0 = time.perf_counter()
         index = torch.randint(0, len(train), (2, BATCH), generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss = scale * model(train[index[0]], train[index[1]]).all_loss
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        step_ends.append(time.perf_counter())
+        step_seconds.append(time.perf_counter() - t0)
         if (step + 1) % max(1, args.steps // 10) == 0:
-            print(f"step {step + 1}/{args.steps}  loss {losses[-1]:.5f}  {step_ends[-1] - start:.1f} s", file=sys.stderr, flush=True)
-    train_seconds = step_ends[-1] - start
-    timed = step_ends[-1] - step_ends[WARMUP_STEPS - 1]
-    steps_per_second = (args.steps - WARMUP_STEPS) / timed
+            print(f"step {step + 1}/{args.steps}  loss {losses[-1]:.5f}  {sum(step_seconds):.1f} s", file=sys.stderr, flush=True)
+    if turn is not None:
+        turn()  # evaluation and the inference timing below run in a turn of their own
+    train_seconds = sum(step_seconds)  # steps only: not the waits for a turn
+    steps_per_second = (args.steps - WARMUP_STEPS) / sum(step_seconds[WARMUP_STEPS:])
+    block_steps_per_second = [len(block) / sum(block) for block in
+                              (step_seconds[i:i + BLOCK] for i in range(0, len(step_seconds), BLOCK))]
 
     # Evaluation: the final map phi(identity) in icon units -> pixels, scored with numpy.
     model.eval()
@@ -473,6 +493,7 @@ def main(argv=None) -> int:
         },
         "conversion": factors,
         "steps_per_second": steps_per_second,
+        "block_steps_per_second": block_steps_per_second,
         "train_seconds": train_seconds,
         "final_loss": float(np.mean(losses[-LAST_STEPS:])),
         "loss_history_every_10": [float(np.mean(losses[i:i + 10])) for i in range(0, len(losses), 10)],
