@@ -181,9 +181,14 @@ def _interpolate(image, coords, order: int, mode: str, cval, with_gradient: bool
 def _interpolate_linear_patches(image, coords, mode: str, cval, with_gradient: bool = True):
     """Linear value and spatial gradient from ONE gather of a 2x..x2 patch per point.
 
-    For ``mode`` 'constant' or 'nearest'. The image is padded by one voxel per side (cval
-    or edge), so every patch start can be clamped into range; a point whose patch lies
-    wholly off the image reads cval. One patch gather instead of ``2**d`` element gathers
+    For ``mode`` 'constant' or 'nearest'. For 'constant' the image is padded by one voxel
+    per side (cval), so every patch start can be clamped into range; a point whose patch
+    lies wholly off the image reads cval. For 'nearest' the points are clamped onto the
+    image and the patch starts into ``[0, n - 2]`` (a point on the last voxel reads the
+    patch before it with weight 1 on its far side), so the gather reads the image itself:
+    an edge-padded copy was fused into the gather loop, and leaving it out made the MNIST
+    training step 4 % faster (median over 11 blocks of 50 steps run in turn, range
+    -2 % to +10 %). One patch gather instead of ``2**d`` element gathers
     cuts XLA CPU's per-index work ``2**d``-fold: forward + coordinate gradient measured
     1.5x (160x192x224) to 1.7x (128 pairs of 28x28) faster. Forward alone is faster this
     way in 2-D (256x256: 0.25 against 0.43 ms) but slower in 3-D (64^3: 1.7 against
@@ -196,15 +201,27 @@ def _interpolate_linear_patches(image, coords, mode: str, cval, with_gradient: b
     lead = coords.shape[:-1]
     x = coords.reshape(-1, ndim)
     upper = jnp.asarray(spatial, x.dtype) - 1.0
-    on_image = (x >= 0.0) & (x <= upper)
+    unpadded = mode == "nearest" and min(spatial) >= 2
     if mode == "nearest":
+        # The interpolant is flat beyond the edge. On the last voxel itself the gradient
+        # is the right derivative (zero), as reading an edge-padded image gives it.
+        on_image = (x >= 0.0) & ((x < upper) if unpadded else (x <= upper))
         x = jnp.clip(x, 0.0, upper)
     base = jnp.floor(x)
-    t = x - base
-    base = base.astype(jnp.int32)
-    start = jnp.clip(base + 1, 0, jnp.asarray(spatial, jnp.int32))
-    shifted = mode == "constant" and cval != 0.0
-    padded = jnp.pad(image - cval if shifted else image, [(1, 1)] * ndim + [(0, 0)] * len(channels), mode="edge" if mode == "nearest" else "constant")
+    if unpadded:
+        # Clamped into the image, a patch start needs no padding: a point on the last
+        # voxel reads the patch before it with t = 1. The gather then reads the image
+        # itself rather than a padded copy (which XLA fuses into the gather loop).
+        base = jnp.minimum(base, upper - 1.0)
+        t = x - base
+        start = base.astype(jnp.int32)
+        padded = image
+    else:
+        t = x - base
+        base = base.astype(jnp.int32)
+        start = jnp.clip(base + 1, 0, jnp.asarray(spatial, jnp.int32))
+        shifted = mode == "constant" and cval != 0.0
+        padded = jnp.pad(image - cval if shifted else image, [(1, 1)] * ndim + [(0, 0)] * len(channels), mode="edge" if mode == "nearest" else "constant")
     numbers = jax.lax.GatherDimensionNumbers(
         offset_dims=tuple(range(1, 1 + ndim + len(channels))), collapsed_slice_dims=(), start_index_map=tuple(range(ndim))
     )
@@ -231,7 +248,7 @@ def _interpolate_linear_patches(image, coords, mode: str, cval, with_gradient: b
         value = jnp.where(off, 0.0, value)
         if with_gradient:
             gradient = jnp.where(off[..., None], 0.0, gradient)
-    if shifted:
+    if mode == "constant" and cval != 0.0:
         value = value + cval
     value = _end_of_fusion(value.reshape(lead + channels))
     return value, (_end_of_fusion(gradient.reshape(lead + channels + (ndim,))) if with_gradient else None)

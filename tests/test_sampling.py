@@ -175,6 +175,28 @@ def test_gradient_wrt_coords_uses_no_scatter():
     assert "scatter" in with_image  # the image gradient is the transposed gather
 
 
+@pytest.mark.parametrize("shape", [(5, 4), (5, 1)])
+def test_nearest_mode_gradient_at_and_beyond_the_edges(shape):
+    # A ramp 2i + 3j (two channels): the interpolant's slope is (2, 3) on the image, flat
+    # beyond it, and on the last voxel the right derivative (flat) as an edge-padded image
+    # gives; a one-voxel axis is flat everywhere.
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    image = np.stack([2.0 * i + 3.0 * j, 1.0 - 2.0 * i - 3.0 * j], axis=-1).astype(np.float32)
+    last = np.array(shape, np.float32) - 1
+    points = np.array([[0.0, 0.0], [1.5, 0.25], last, last - 0.5, [-0.5, 0.5], last + 0.7, [0.3, -2.0]], np.float32)
+    points[:, 1] = np.clip(points[:, 1], -2.0, last[1] + 0.7)
+    values = sample(image, points, mode="nearest")
+    clamped = np.clip(points, 0.0, last)
+    np.testing.assert_allclose(values[:, 0], 2.0 * clamped[:, 0] + 3.0 * clamped[:, 1], atol=1e-5)
+    grads = jax.jacfwd(lambda c: sample(image, c, mode="nearest")[:, 0])(points)
+    grads = np.einsum("ppk->pk", grads)
+    inside = (points >= 0.0) & (points < last)
+    np.testing.assert_allclose(grads, np.where(inside, [2.0, 3.0], 0.0), atol=1e-5)
+    reverse = jax.grad(lambda c: jnp.sum(sample(image, c, mode="nearest")[:, 0]))(points)
+    np.testing.assert_allclose(reverse, grads, atol=1e-5)
+    assert_jit_matches(lambda c: sample(image, c, mode="nearest"), points)
+
+
 def test_gradient_inside_constant_region_is_zero_and_finite():
     image = np.ones((6, 7), np.float32)
     points = _interior_points(2, n=5) * 0.5
