@@ -233,7 +233,8 @@ def _interpolate_linear_patches(image, coords, mode: str, cval, with_gradient: b
             lo = jax.lax.index_in_dim(p, 0, axis=1, keepdims=False)
             hi = jax.lax.index_in_dim(p, 1, axis=1, keepdims=False)
             tk = t[:, k].reshape((-1,) + (1,) * (lo.ndim - 1))
-            p = hi - lo if k == derivative_axis else lo + tk * (hi - lo)
+            # (1 - t) lo + t hi is exact at both t = 0 and t = 1 (a point on the last voxel).
+            p = hi - lo if k == derivative_axis else (1.0 - tk) * lo + tk * hi
         return p
 
     value = reduce_corners()
