@@ -383,6 +383,20 @@ def network_tables(result: dict, network: str, cell=str) -> list[str]:
     return lines
 
 
+def how_compared(result: dict) -> str:
+    """How the speed-up was measured (this file's Markdown and the docs' results page)."""
+    runs = max(c.get("runs_per_config", 1) for c in result.get("comparisons") or [{}])
+    turns = ("All configurations of a loss ran side by side, taking turns on the machine every 50 training steps (only "
+             "the one holding the turn computes; start-up, compilation and evaluation run in turns of their own), so "
+             "that a machine whose speed drifts slows both sides alike. **per turn**: the ratio of the two compared "
+             "configurations within each turn (the k-th block of 50 steps of each; the first, with start-up, left out), "
+             "median (min–max) over the turns. "
+             if (result.get("settings") or {}).get("side_by_side") else "")
+    return turns + (f"Each configuration ran {runs} times; steps/s are medians over those runs, and each side's fastest "
+                    "configuration (by median) is compared. **per round**: the ratio of both sides' fastest rows within "
+                    "each round." if runs > 1 else "Each side's fastest row is compared.")
+
+
 def per_turn(comparison: dict) -> str:
     turns = comparison.get("steps_per_second_ratio_per_turn")
     if not turns:
@@ -422,18 +436,7 @@ def render(result: dict) -> str:
                  ", ".join(times(v) for v in c.get("steps_per_second_ratio_per_round") or []), per_turn(c), f"≥ {c['target']:g}×",
                  met[c.get("meets_target")], times(c.get("inference_pairs_per_second_ratio"))]
                 for c in result["comparisons"]]
-        runs = max(c.get("runs_per_config", 1) for c in result["comparisons"])
-        how = ("All configurations of a loss ran side by side, taking turns on the machine every 50 training steps (only "
-               "the one holding the turn computes; start-up, compilation and evaluation run in turns of their own), so "
-               "that a machine whose speed drifts slows both sides alike. **per turn**: the ratio of the two compared "
-               "configurations within each turn (the k-th block of 50 steps of each; the first, with start-up, left out), "
-               "median (min–max) over the turns. "
-               if s.get("side_by_side") else "")
-        lines += ["## Speed-up", "",
-                  how + (f"Each configuration ran {runs} times; steps/s are medians over those runs, "
-                         "and each side's fastest configuration (by median) is compared. **per round**: the ratio of both "
-                         "sides' fastest rows within each round." if runs > 1 else
-                         "Each side's fastest row is compared."), "",
+        lines += ["## Speed-up", "", how_compared(result), "",
                   markdown_table(["loss", "jaxreg ÷ icon steps/s", "jaxreg steps/s", "icon steps/s", "jaxreg devices (its fastest)",
                                   "icon torch threads (its fastest)", "per round", "per turn", "target", "met",
                                   "jaxreg ÷ icon inference pairs/s"], rows), ""]

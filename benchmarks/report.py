@@ -358,22 +358,14 @@ def amortized_section(result: dict, plots: Plots) -> list[str]:
              "each run in its own process (the experiment is specified in `benchmarks/peers/icon_mnist.py`). "
              "**steps/s**: training steps per second after the warm-up steps; **speed-up** = jaxreg steps/s ÷ "
              "icon_registration steps/s.", ""]
-    from benchmarks.amortized import busy_note, network_tables, per_turn, tool_name
+    from benchmarks.amortized import busy_note, how_compared, network_tables, per_turn, tool_name
 
     busy = busy_note(result) if result.get("rows") else ""
     if busy:
         lines += [f"!!! warning\n    {busy}", ""]
     comparisons = result.get("comparisons") or []
     if comparisons:
-        runs = max(c.get("runs_per_config", 1) for c in comparisons)
-        if settings.get("side_by_side"):
-            lines += ["All configurations of a loss ran side by side, taking turns on the machine every 50 training "
-                      "steps (only the one holding the turn computes), so that drift slows both sides alike; **per "
-                      "turn** is the ratio within each turn, median (min–max).", ""]
-        if runs > 1:
-            lines += [f"Each configuration ran {runs} times; the speed-up compares both "
-                      "sides' fastest configurations by their median steps/s, and **per round** gives the ratio within "
-                      "each round.", ""]
+        lines += [how_compared(result), ""]
         table = [[c["loss"], _f(c.get("steps_per_second_ratio"), ".2f"),
                   ", ".join(_f(v, ".2f") for v in c.get("steps_per_second_ratio_per_round") or []), per_turn(c),
                   c.get("jaxreg_devices", 1), c.get("icon_threads"), _f(c.get("target"), "g"),
