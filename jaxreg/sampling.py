@@ -208,6 +208,7 @@ def _interpolate_linear_patches(image, coords, mode: str, cval, with_gradient: b
         on_image = (x >= 0.0) & ((x < upper) if unpadded else (x <= upper))
         x = jnp.clip(x, 0.0, upper)
     base = jnp.floor(x)
+    shifted = mode == "constant" and cval != 0.0
     if unpadded:
         # Clamped into the image, a patch start needs no padding: a point on the last
         # voxel reads the patch before it with t = 1. The gather then reads the image
@@ -220,7 +221,6 @@ def _interpolate_linear_patches(image, coords, mode: str, cval, with_gradient: b
         t = x - base
         base = base.astype(jnp.int32)
         start = jnp.clip(base + 1, 0, jnp.asarray(spatial, jnp.int32))
-        shifted = mode == "constant" and cval != 0.0
         padded = jnp.pad(image - cval if shifted else image, [(1, 1)] * ndim + [(0, 0)] * len(channels), mode="edge" if mode == "nearest" else "constant")
     numbers = jax.lax.GatherDimensionNumbers(
         offset_dims=tuple(range(1, 1 + ndim + len(channels))), collapsed_slice_dims=(), start_index_map=tuple(range(ndim))
@@ -249,7 +249,7 @@ def _interpolate_linear_patches(image, coords, mode: str, cval, with_gradient: b
         value = jnp.where(off, 0.0, value)
         if with_gradient:
             gradient = jnp.where(off[..., None], 0.0, gradient)
-    if mode == "constant" and cval != 0.0:
+    if shifted:
         value = value + cval
     value = _end_of_fusion(value.reshape(lead + channels))
     return value, (_end_of_fusion(gradient.reshape(lead + channels + (ndim,))) if with_gradient else None)
