@@ -416,6 +416,15 @@ def test_data_parallel_loss_and_gradients_equal_single_device():
         _, s1, _ = jnn.train(net, loss_fn, sampler, optax.sgd(0.1), steps=3, log_every=3, progress=False)
         for a, b in zip(jax.tree_util.tree_leaves(s8.params), jax.tree_util.tree_leaves(s1.params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+        # With a sampler that draws from the key, both draw the same batches: one key
+        # split per step whatever the device count.
+        images = jnp.asarray(rng.random((40, 8, 8)), jnp.float32)
+        drawing = lambda key: dict(zip(("moving", "fixed"), images[jax.random.randint(key, (2, 16), 0, 40)]))
+        _, d8, _ = jnn.train(net, loss_fn, drawing, optax.sgd(0.1), steps=3, log_every=3, progress=False, devices=jax.devices())
+        _, d1, _ = jnn.train(net, loss_fn, drawing, optax.sgd(0.1), steps=3, log_every=3, progress=False)
+        np.testing.assert_array_equal(jax.random.key_data(d8.key), jax.random.key_data(d1.key))
+        for a, b in zip(jax.tree_util.tree_leaves(d8.params), jax.tree_util.tree_leaves(d1.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
         # The devices average their gradients once per training step, not inside the
         # network's own loop over its steps: one computation holds all-reduces (the
         # training loop's body).

@@ -117,6 +117,8 @@ def make_step(graph, loss_fn: Callable, optimizer: optax.GradientTransformation,
         key, draw = jax.random.split(state.key)
         if batch is None:
             batch = sampler(draw)
+            if batch_sharding is not None:
+                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         (loss, metrics), grads = grad_fn(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -157,11 +159,7 @@ def make_chunk(graph, loss_fn: Callable, optimizer: optax.GradientTransformation
     step = make_step(graph, loss_fn, optimizer, sampler, batch_sharding=batch_sharding)
 
     def body(state, _):
-        if batch_sharding is None:
-            return step(state)
-        key, draw = jax.random.split(state.key)
-        batch = jax.lax.with_sharding_constraint(sampler(draw), batch_sharding)
-        return step(state._replace(key=key), batch)
+        return step(state)
 
     def chunk(state):
         state, metrics = jax.lax.scan(body, state, None, length=length)
