@@ -297,8 +297,9 @@ def _directional(gradient, coords_dot):
     stack with the axes last: XLA CPU wrote such a stack (and read it back, axis by axis)
     with slow interleaving loops: 5 ms of kernel time per MNIST training step (128 pairs,
     both devices' threads summed). Without the stack the step ran 4 % and 7 % faster (two
-    runs, median ratio of 50-step blocks run in turn). The
-    sums are written out because ``jnp.sum(..., axis=-1)`` over the 2 or 3 coordinates
+    runs, median ratio of 50-step blocks run in turn).
+
+    The sums are written out because ``jnp.sum(..., axis=-1)`` over the 2 or 3 coordinates
     (and the broadcast over channels) transpose into reductions over an axis of length
     2-3, which XLA CPU hands to its YNNPACK fusions, slowly: 3.5 ms a call for 128 MNIST
     pairs, a quarter of a training step. Written out, both directions are elementwise."""
