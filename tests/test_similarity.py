@@ -357,6 +357,46 @@ def test_joint_histogram_matches_direct_formula(shape):
     np.testing.assert_allclose(np.asarray(hist), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("bins, sigma_in_bins", [(32, 0.5), (8, 0.1), (12, 3.0), (5, 40.0)])
+def test_parzen_memberships_match_softmax_in_float64(bins, sigma_in_bins):
+    # the closed-form shift and the truncated normalizer must give the full softmax, edges
+    # (0, 1, bin borders) included, for narrow kernels and for ones wider than the range
+    sigma = sigma_in_bins / bins
+    x = np.concatenate([[0.0, 1.0, 0.5 / bins, 1.0 / bins, 1.0 - 1e-9], np.random.default_rng(0).random(200)])
+    centres = (np.arange(bins) + 0.5) / bins
+    logits = -0.5 * ((x[:, None] - centres) / sigma) ** 2
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    with jax.enable_x64(True):
+        got = S._parzen_memberships(bins, sigma)(jnp.asarray(x))
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-15)
+        # derivative: p_j (c_j - sum_k p_k c_k) / sigma**2, forward and reverse mode alike
+        slope = expected * (centres - (expected @ centres)[:, None]) / sigma**2
+        memberships = S._parzen_memberships(bins, sigma)
+        forward = jax.jvp(memberships, (jnp.asarray(x),), (jnp.ones(x.shape),))[1]
+        np.testing.assert_allclose(np.asarray(forward), slope, rtol=1e-9, atol=1e-9 * np.abs(slope).max())
+        weights = np.random.default_rng(1).standard_normal(expected.shape)
+        reverse = jax.grad(lambda v: jnp.sum(memberships(v) * weights))(jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(reverse), (slope * weights).sum(axis=1), rtol=1e-9, atol=1e-9)
+
+
+def test_mutual_information_second_derivatives_agree_in_both_modes():
+    # the Parzen window's custom JVP must compose: forward-over-reverse equals reverse-over-reverse
+    # and the Hessian-vector product matches finite differences of the gradient
+    a, b = smooth_image((6, 5), 0), smooth_image((6, 5), 1)
+    with jax.enable_x64(True):
+        a, b = jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64)
+        grad = jax.grad(lambda x: S.mutual_information(bins=8, intensity_range=(-0.5, 1.5))(x, b))
+        direction = jnp.asarray(np.random.default_rng(2).standard_normal(a.shape))
+        forward_over_reverse = jax.jvp(grad, (a,), (direction,))[1]
+        reverse_over_reverse = jax.grad(lambda x: jnp.vdot(grad(x), direction))(a)
+        np.testing.assert_allclose(forward_over_reverse, reverse_over_reverse, rtol=1e-9, atol=1e-12)
+        h = 1e-5
+        central = (grad(a + h * direction) - grad(a - h * direction)) / (2 * h)
+        np.testing.assert_allclose(forward_over_reverse, central, rtol=1e-5, atol=1e-6 * float(jnp.abs(central).max()))
+
+
 def test_mutual_information_of_an_image_with_itself():
     a = smooth_image((24, 20))
     # soft histogram: -MI = H(a,a) - 2 H(a), all from the same soft histogram
