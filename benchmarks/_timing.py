@@ -49,18 +49,41 @@ def time_calls(fn, n: int, warmup: int = 1):
     return Timing(statistics.median(times), min(times), n, times), out
 
 
-def time_jax(f, *args, n: int, warmup: int = 1):
-    """Compile ``f`` for ``args`` (timed), then time the compiled program as :func:`time_calls`."""
+def compile_jax(f, *args):
+    """``(call, compile_s, temp_bytes)``: ``f`` compiled ahead of time for ``args`` (timed,
+    tracing included), a zero-argument ``call`` running it, and XLA's scratch bytes."""
     start = time.perf_counter()
     compiled = jax.jit(f).lower(*args).compile()
     compile_s = time.perf_counter() - start
-    timing, out = time_calls(lambda: compiled(*args), n, warmup)
-    timing.compile_s = compile_s
     try:
-        timing.temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+        temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # not every backend reports it
-        pass
+        temp_bytes = None
+    return (lambda: compiled(*args)), compile_s, temp_bytes
+
+
+def time_jax(f, *args, n: int, warmup: int = 1):
+    """Compile ``f`` for ``args`` (timed), then time the compiled program as :func:`time_calls`."""
+    call, compile_s, temp_bytes = compile_jax(f, *args)
+    timing, out = time_calls(call, n, warmup)
+    timing.compile_s, timing.temp_bytes = compile_s, temp_bytes
     return timing, out
+
+
+def time_in_rounds(calls, n: int):
+    """Wall times of ``n`` rounds that call every one of ``calls`` once, in turn.
+
+    Timing one implementation's calls after another's lets a slow spell of a shared machine
+    land on one of them only; in rounds it lands on all alike, so their ratio holds.
+    Returns one list of ``n`` times per callable; warm-up is the caller's.
+    """
+    times = [[] for _ in calls]
+    for _ in range(n):
+        for call, spent in zip(calls, times):
+            start = time.perf_counter()
+            block(call())
+            spent.append(time.perf_counter() - start)
+    return times
 
 
 def memory_bandwidth(megabytes: int = 512, repeats: int = 3) -> dict:

@@ -30,7 +30,17 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import code_line, code_version, machine_info, markdown_table, memory_bandwidth, time_calls, time_jax, write_atomic
+from benchmarks._timing import (
+    block,
+    code_line,
+    code_version,
+    compile_jax,
+    machine_info,
+    markdown_table,
+    memory_bandwidth,
+    time_in_rounds,
+    write_atomic,
+)
 from jaxreg import filters
 from jaxreg.losses.similarity import lncc, mutual_information
 from jaxreg.sampling import sample
@@ -408,16 +418,28 @@ KERNELS = {
 # ------------------------------------------------------------------------------- runner
 
 
+ROUND_BUDGET_S = 1.0  # small kernels get more rounds, up to MAX_ROUNDS, within about this time
+MAX_ROUNDS = 200
+
+
 def run_case(kernel, shape, n, nbytes, impls):
-    rows, reference = [], None
+    """Build, compile and warm up every implementation, then time them in interleaved rounds
+    (:func:`benchmarks._timing.time_in_rounds`): at least ``n`` rounds, more for fast kernels."""
+    rows, ready = [], []
     for impl, build in impls:
-        row = {"kernel": kernel, "size": "×".join(map(str, shape)), "impl": impl, "n": n}
+        row = {"kernel": kernel, "size": "×".join(map(str, shape)), "impl": impl}
+        rows.append(row)
         try:
             kind, fn, args, convert, *note = build()
             if note:
                 row["note"] = note[0]
-            timing, out = time_jax(fn, *args, n=n) if kind == "jax" else time_calls(fn, n)
-            out = convert(out)
+            if kind == "jax":
+                call, row["compile_s"], row["temp_bytes"] = compile_jax(fn, *args)
+            else:
+                call = fn
+            start = time.perf_counter()
+            out = convert(block(call()))  # the warm-up call
+            ready.append((row, call, out, time.perf_counter() - start))
         except Skip as e:
             row["note"] = f"skipped: {e}"
         except NotImplementedError as e:
@@ -425,19 +447,21 @@ def run_case(kernel, shape, n, nbytes, impls):
         except Exception as e:  # a failing peer must not end the run
             traceback.print_exc()
             row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        else:
-            row.update(median_s=timing.median_s, min_s=timing.min_s, times_s=timing.times_s)
-            row.update(compile_s=timing.compile_s, temp_bytes=timing.temp_bytes)
+    if ready:
+        slowest = max(warm for *_, warm in ready)
+        rounds = max(n, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(slowest * len(ready), 1e-9))))
+        times = time_in_rounds([call for _, call, _, _ in ready], rounds)
+        reference = next(((t, out) for (row, _, out, _), t in zip(ready, times) if row["impl"] == "jaxreg"), None)
+        for (row, _, out, _), spent in zip(ready, times):
+            row.update(n=rounds, median_s=float(np.median(spent)), min_s=min(spent), times_s=spent)
             if nbytes:
-                row["gb_per_s"] = nbytes / timing.median_s / 1e9
-            if reference is None and impl == "jaxreg":
-                reference = (timing.median_s, out)
-            elif reference is not None:
-                row["ratio"] = timing.median_s / reference[0]
+                row["gb_per_s"] = nbytes / row["median_s"] / 1e9
+            if reference is not None and row["impl"] != "jaxreg":
+                row["ratio"] = row["median_s"] / float(np.median(reference[0]))
                 scale = max(float(np.abs(reference[1]).max()), 1e-30)
                 row["max_rel_diff"] = float(np.abs(np.asarray(out, np.float64) - reference[1]).max()) / scale
-        rows.append(row)
-        print(f"  {kernel:26s} {row['size']:12s} {impl:40s} {_fmt_ms(row.get('median_s'))} ms"
+    for row in rows:
+        print(f"  {kernel:26s} {row['size']:12s} {row['impl']:40s} {_fmt_ms(row.get('median_s'))} ms"
               f"  {row.get('note', '')}", file=sys.stderr, flush=True)
     return rows
 
@@ -475,8 +499,11 @@ def render(result) -> str:
         f"- memory bandwidth: {bw['gb_per_s']:.1f} GB/s ({bw['method']})",
         f"- {WARP_BYTES}",
         f"- data: {DATA}",
-        "- protocol: JAX compile = `jax.jit(f).lower(...).compile()` (tracing included); then 1 warm-up call and "
-        "N timed calls (N = `n` in the JSON), each ended by `block_until_ready`; torch/scipy the same, eager. "
+        "- protocol: JAX compile = `jax.jit(f).lower(...).compile()` (tracing included); torch/scipy eager. "
+        "Every implementation of a row group gets 1 warm-up call, then N timed rounds in which each is called once, "
+        "in turn (N = `n` in the JSON: at least 5, or 3 at 160×192×224, and more for fast kernels, up to "
+        f"{MAX_ROUNDS} or about {ROUND_BUDGET_S:.0f} s), each call ended by `block_until_ready`, so that a slow "
+        "spell of the machine hits every implementation alike. "
         "peer/jaxreg = peer median / jaxreg median (> 1: jaxreg faster). "
         "max rel diff = max |peer - jaxreg| / max |jaxreg| over the kernel's output (gradients for fwd+grad rows).",
         "",

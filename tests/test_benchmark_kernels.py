@@ -1,0 +1,41 @@
+"""The kernels suite's runner: rounds that call every implementation in turn."""
+
+import numpy as np
+
+from benchmarks import kernels
+from benchmarks._timing import time_in_rounds
+
+
+def test_time_in_rounds_calls_each_once_per_round_in_turn():
+    log = []
+    times = time_in_rounds([lambda: log.append("a"), lambda: log.append("b"), lambda: log.append("c")], 4)
+    assert log == ["a", "b", "c"] * 4
+    assert [len(t) for t in times] == [4, 4, 4]
+    assert all(s >= 0.0 for t in times for s in t)
+
+
+def test_run_case_rows_give_peer_over_jaxreg_and_differences_against_jaxreg():
+    x = np.linspace(0.0, 1.0, 64, dtype=np.float32)
+
+    def failing():
+        raise RuntimeError("peer broke\nsecond line")
+
+    def skipped():
+        raise kernels.Skip("not here")
+
+    impls = [
+        ("jaxreg", lambda: kernels.jax_case(lambda v: v * 2.0, x)),
+        ("numpy", lambda: ("eager", lambda: x * 2.0 + 1e-3, (), np.asarray)),
+        ("broken", failing),
+        ("absent", skipped),
+    ]
+    rows = kernels.run_case("double", (64,), 5, x.nbytes * 2, impls)
+    ours, theirs, broken, absent = rows
+    assert [r["impl"] for r in rows] == ["jaxreg", "numpy", "broken", "absent"]
+    assert ours["n"] == theirs["n"] >= 5 and len(ours["times_s"]) == ours["n"]
+    assert theirs["ratio"] == theirs["median_s"] / ours["median_s"]
+    # max |peer - jaxreg| / max |jaxreg| = 1e-3 / 2
+    np.testing.assert_allclose(theirs["max_rel_diff"], 5e-4, rtol=1e-3)
+    assert ours["compile_s"] > 0 and "ratio" not in ours
+    assert broken["note"] == "error: RuntimeError: peer broke" and "median_s" not in broken
+    assert absent["note"] == "skipped: not here"
