@@ -534,7 +534,7 @@ def main(argv=None):
         "code": code_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
         "load_average_start": os.getloadavg(),
         "memory_bandwidth": memory_bandwidth(),
-        "settings": {"quick": args.quick, "kernels": only, "data": DATA, "warp_bytes": WARP_BYTES,
+        "settings": {"quick": args.quick, "kernels": only, "data": DATA, "warp_bytes": WARP_BYTES, "timing": "rounds",
                      "torch_threads": torch.get_num_threads() if torch is not None else None,
                      "simpleitk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None},
         "rows": [],

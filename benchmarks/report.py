@@ -157,6 +157,9 @@ def kernels_section(result: dict, plots: Plots) -> list[str]:
     bandwidth = result.get("memory_bandwidth")
     if bandwidth:
         lines += [f"Memory bandwidth of the machine: {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['method']}).", ""]
+    if settings.get("timing") == "rounds":
+        lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "
+                  "turn, so that a slow spell of the shared machine hits all of them alike.", ""]
     lines += ["Median wall time of the timed calls after a warm-up call (their number is `n` in the JSON); **× jaxreg** = peer median ÷ jaxreg "
               "median (above 1: jaxreg is faster). JAX programs are compiled before timing (compile time in the "
               "*Compile time* section and in the JSON).", ""]
