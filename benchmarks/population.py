@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import code_version, machine_info, markdown_table, time_calls, write_atomic  # noqa: E402
+from _timing import block, code_version, machine_info, markdown_table, time_in_rounds, write_atomic  # noqa: E402
 
 from jaxreg import synthetic  # noqa: E402
 from jaxreg.grid import Grid, Image  # noqa: E402
@@ -62,8 +63,7 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
         start = time.perf_counter()
         single = jax.jit(one).lower(fixed[0], moving[0]).compile()
         loop_compile = time.perf_counter() - start
-        vmap_time, _ = time_calls(lambda: batched(fixed, moving), repeats)
-        loop_time, _ = time_calls(lambda: [single(fixed[i], moving[i]) for i in range(n)], repeats)
+        programs = [lambda: batched(fixed, moving), lambda: [single(fixed[i], moving[i]) for i in range(n)]]
         chunked = {}
         if n > batch_size:
             # What register_many(..., batch_size=k) runs: k pairs at a time in a lax.map.
@@ -71,19 +71,25 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
             in_chunks = jax.jit(lambda f, m: jax.lax.map(lambda pair: one(*pair), (f, m), batch_size=batch_size))
             in_chunks = in_chunks.lower(fixed, moving).compile()
             chunked_compile = time.perf_counter() - start
-            chunked_time, _ = time_calls(lambda: in_chunks(fixed, moving), repeats)
-            chunked = dict(batch_size=batch_size, chunked_pairs_per_s=n / chunked_time.median_s,
-                           chunked_speedup=loop_time.median_s / chunked_time.median_s, chunked_compile_s=chunked_compile)
+            programs.append(lambda: in_chunks(fixed, moving))
+        for program in programs:  # warm-up
+            block(program())
+        # In rounds, each program once per round: a slow spell of the machine hits all alike.
+        times = [statistics.median(t) for t in time_in_rounds(programs, repeats)]
+        vmap_s, loop_s = times[:2]
+        if n > batch_size:
+            chunked = dict(batch_size=batch_size, chunked_pairs_per_s=n / times[2],
+                           chunked_speedup=loop_s / times[2], chunked_compile_s=chunked_compile)
         rows.append(
             dict(
                 stage=stage_name,
                 pairs=n,
                 size=size,
-                vmap_s=vmap_time.median_s,
-                loop_s=loop_time.median_s,
-                vmap_pairs_per_s=n / vmap_time.median_s,
-                loop_pairs_per_s=n / loop_time.median_s,
-                speedup=loop_time.median_s / vmap_time.median_s,
+                vmap_s=vmap_s,
+                loop_s=loop_s,
+                vmap_pairs_per_s=n / vmap_s,
+                loop_pairs_per_s=n / loop_s,
+                speedup=loop_s / vmap_s,
                 vmap_compile_s=vmap_compile,
                 loop_compile_s=loop_compile,
                 **chunked,
@@ -99,7 +105,7 @@ def render(result: dict) -> str:
         "# Population throughput: vmap vs loop",
         "",
         f"{result['started']} on {m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores), jax {m.get('jax', '?')}. "
-        "Median of repeated runs; compile excluded and listed apart (the loop program is compiled once, so after the first count it comes from JAX's cache).",
+        "Median of repeated runs, taken in rounds (each program once per round, in turn, after one warm-up call); compile excluded and listed apart (the loop program is compiled once, so after the first count it comes from JAX's cache).",
         "",
     ]
     chunk = lambda r, key, spec: format(r[key], spec) if key in r else ""  # noqa: E731
