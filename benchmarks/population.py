@@ -142,7 +142,7 @@ def main(argv=None):
         "rows": [],
     }
     for stage in args.stage.split(","):
-        result["rows"] += run(stage.strip(), counts, size, steps, repeats=2, batch_size=args.batch_size)
+        result["rows"] += run(stage.strip(), counts, size, steps, repeats=3, batch_size=args.batch_size)
         write_atomic(args.out, json.dumps(result, indent=1) + "\n")
         write_atomic(os.path.splitext(args.out)[0] + ".md", render(result))
     print(render(result))
