@@ -70,6 +70,7 @@ SIZES = {
     "smooth": SIZES_3D,
     "lncc": SIZES_3D,
     "mi": SIZES_3D,
+    "conv": [(32, 32, 32), (64, 64, 64)],
 }
 DATA = (
     "image: white noise smoothed with a Gaussian (sigma 2 voxels), scaled to max |I| = 1; "
@@ -410,6 +411,47 @@ def mi_cases(shape):
     ]
 
 
+CONV_BATCH, CONV_IN, CONV_OUT = 2, 8, 16
+
+
+def conv_cases(shape):
+    """A U-Net layer: 3x3x3 convolution, 8 -> 16 channels, batch 2, 'same' padding; gradient
+    of sum(out**2) w.r.t. input and weights. jaxreg's networks (flax ``nnx.Conv``) lower to
+    ``lax.conv_general_dilated``; torch's ``conv3d`` runs oneDNN."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((CONV_BATCH, *shape, CONV_IN)).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 3, CONV_IN, CONV_OUT)) * 0.1).astype(np.float32)
+
+    def ours(x, w):
+        def energy(x, w):
+            out = jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+            return jnp.sum(out**2)
+
+        return jax.grad(energy, argnums=(0, 1))(x, w)
+
+    def torch_case():
+        need(torch, "torch")
+        tx = torch.tensor(np.moveaxis(x, -1, 1).copy(), requires_grad=True)
+        tw = torch.tensor(np.transpose(w, (4, 3, 0, 1, 2)).copy(), requires_grad=True)
+
+        def run():
+            tx.grad, tw.grad = None, None
+            (F.conv3d(tx, tw, padding=1) ** 2).sum().backward()
+            return tx.grad, tw.grad
+
+        def convert(grads):
+            gx, gw = grads
+            return np.concatenate([np.moveaxis(gx.numpy(), 1, -1).ravel(), np.transpose(gw.numpy(), (2, 3, 4, 1, 0)).ravel()])
+
+        return ("eager", run, (), convert)
+
+    flat = lambda grads: np.concatenate([np.asarray(g).ravel() for g in grads])  # noqa: E731
+    return None, [
+        ("jaxreg", lambda: jax_case(ours, x, w, convert=flat)),
+        ("torch conv3d", torch_case),
+    ]
+
+
 KERNELS = {
     "warp": [("warp fwd", lambda s: warp_cases(s, grad=False)), ("warp fwd+grad", lambda s: warp_cases(s, grad=True))],
     "cubic": [("cubic fwd (prefilter)", cubic_cases)],
@@ -418,6 +460,7 @@ KERNELS = {
     "smooth": [("gaussian_smooth sigma 2", smooth_cases)],
     "lncc": [("lncc r=4 box fwd+grad", lncc_cases)],
     "mi": [("mi 32 bins fwd+grad", mi_cases)],
+    "conv": [("conv3d 3³ 8→16 ch, batch 2, fwd+grad", conv_cases)],
 }
 
 
