@@ -75,7 +75,7 @@ SIZES = {
 DATA = (
     "image: white noise smoothed with a Gaussian (sigma 2 voxels), scaled to max |I| = 1; "
     "displacements/velocities: white noise per component smoothed with sigma 4 voxels, "
-    "scaled to max |u_k| = 2 voxels; float32, seeds fixed"
+    "scaled to max |u_k| = 2 voxels; conv3d: standard normal input, weights 0.1 x standard normal; float32, seeds fixed"
 )
 WARP_BYTES = "warp fwd GB/s = (image.nbytes + coords.nbytes + output.nbytes) / median time, float32"
 

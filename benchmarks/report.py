@@ -92,7 +92,7 @@ def run_line(name: str, result: dict, path: str) -> str:
         load = f"; load average {result['load_average_start'][0]:.1f} at start, {result['load_average_end'][0]:.1f} at end"
     total = f"; {result['total_s']:.0f} s in all" if result.get("total_s") is not None else ""
     return (f"Run {result.get('started', '?')} ({mode}) on {machine_line(result)}{load}{total}. "
-            f"Source: `{os.path.relpath(path, REPO)}`, written by `{SCRIPTS.get(name, '?')}`.")
+            f"Source: `{os.path.relpath(path, REPO)}`, written by `{SCRIPTS.get(name, SCRIPTS.get(name.split('-', 1)[0], '?'))}`.")
 
 
 def _style(ax, xlabel: str, ylabel: str, *, xlog=False, ylog=False, size: int = 7):
