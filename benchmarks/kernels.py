@@ -500,15 +500,18 @@ def run_case(kernel, shape, n, nbytes, impls):
         slowest = max(warm for *_, warm in ready)
         rounds = max(n, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(slowest * len(ready), 1e-9))))
         times = time_in_rounds([call for _, call, _, _ in ready], rounds)
-        reference = next(((t, out) for (row, _, out, _), t in zip(ready, times) if row["impl"] == "jaxreg"), None)
-        for (row, _, out, _), spent in zip(ready, times):
+        for (row, _, _, _), spent in zip(ready, times):
             row.update(n=rounds, median_s=float(np.median(spent)), min_s=min(spent), times_s=spent)
             if nbytes:
                 row["gb_per_s"] = nbytes / row["median_s"] / 1e9
-            if reference is not None and row["impl"] != "jaxreg":
-                row["ratio"] = row["median_s"] / float(np.median(reference[0]))
-                scale = max(float(np.abs(reference[1]).max()), 1e-30)
-                row["max_rel_diff"] = float(np.abs(np.asarray(out, np.float64) - reference[1]).max()) / scale
+        reference = next(((row, out) for row, _, out, _ in ready if row["impl"] == "jaxreg"), None)
+        if reference is not None:
+            ours, ours_out = reference
+            scale = max(float(np.abs(ours_out).max()), 1e-30)
+            for row, _, out, _ in ready:
+                if row is not ours:
+                    row["ratio"] = row["median_s"] / ours["median_s"]
+                    row["max_rel_diff"] = float(np.abs(np.asarray(out, np.float64) - ours_out).max()) / scale
     for row in rows:
         print(f"  {kernel:26s} {row['size']:12s} {row['impl']:40s} {_fmt_ms(row.get('median_s'))} ms"
               f"  {row.get('note', '')}", file=sys.stderr, flush=True)
