@@ -3,12 +3,13 @@
 Two things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (jaxlib 0.10.2):
 
 - **3-D convolutions.** XLA runs three spatial dimensions 3-4x slower than two: a U-Net
-  layer (3x3x3, 8 -> 16 channels, batch 2, forward + both gradients) took 188 ms at 32^3
-  where torch's ``conv3d`` took 33 ms. A 3-D convolution is a 2-D one over ``(H, W)``
+  layer (3x3x3, 8 -> 16 channels, batch 2, forward + both gradients) took 181 ms at 32^3
+  where torch's ``conv3d`` took 39 ms. A 3-D convolution is a 2-D one over ``(H, W)``
   whose input channels are the ``kd`` depth-shifted copies of the input side by side,
   with the kernel's depth taps moved into its input channels; depth then becomes part of
-  the batch. Written that way the same layer took 49 ms. The price is memory: the stacked
-  input is ``kd`` times the input (and is kept for the backward pass).
+  the batch. Written that way the same layer took 52 ms (``benchmarks/results/kernels-conv.md``).
+  The price is memory: the stacked input is ``kd`` times the input (and is kept for the
+  backward pass).
 - **Gradients inside loops.** Autodiff writes a convolution's input and kernel gradients
   as convolutions with permuted dimension numbers. XLA CPU rewrites them into its fast
   form (explicit transposes, then a channels-last convolution) in the top-level program
@@ -18,6 +19,14 @@ Two things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (jax
   trained there paid that. :func:`conv2d` has a ``custom_vjp`` whose gradients are
   channels-last convolutions of explicitly transposed operands: 67 ms in the loop.
   (The cost: no forward-mode differentiation through these convolutions.)
+- **Kernel gradients under vmap.** The networks see one pair each and training vmaps them
+  over the batch; lax batches the kernel gradient (both of its operands mapped) as a
+  grouped convolution, 4-5x slower on XLA CPU than one convolution per pair in a
+  ``lax.map``, which :func:`conv2d`'s gradient runs instead.
+
+Together: the 3-D GradICON training step of ``examples/gradicon_3d.py`` (two-step U-Net,
+2 pairs of 32^3) ran 0.7 s per step in ``train``'s scan, against 3.5 s with lax's
+convolutions (same process, in turn).
 
 :func:`conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` (flax's
 ``nnx.Conv`` takes it as ``conv_general_dilated=``) that uses both where it can and the
