@@ -61,6 +61,9 @@ def test_conv2d_values_and_gradients_equal_lax(shape, kernel, strides, padding):
     for got, want in zip(jax.grad(energy(ours), (0, 1))(x, w), jax.grad(energy(theirs), (0, 1))(x, w)):
         assert relative_error(got, want) < 1e-5
 
+    if strides != (2, 2):
+        return  # second order once, on the strided case (the vmap test checks it too)
+
     # Second order: the gradient of a function of the gradient.
     def second(f):
         return lambda x, w: jnp.sum(jnp.stack([jnp.sum(g**2) for g in jax.grad(energy(f), (0, 1))(x, w)]))
