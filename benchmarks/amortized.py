@@ -416,15 +416,26 @@ def render(result: dict) -> str:
         f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m.get('torch')}, icon_registration {m.get('icon_registration')}; "
         f"{result['started']}",
         code_line(result),
-        f"- experiment: MNIST multistep (MLP 1568-50-50-1568, 8 weight-shared steps), {s['steps']} training steps of "
-        f"128 pairs of fives, Adam 1e-3, seed {s['seed']}; evaluation on 256 pairs of fives and 256 of sevens (test set). "
-        "**steps/s**: training steps per second after the warm-up steps (icon: the first 10; jaxreg: its compiling steps, listed as "
-        "**compile s**); **train s**: all steps; **peak MiB**: the process's VmHWM; **inference pairs/s**: batches "
-        "of 256, no gradient. Dice of the > 0.5 masks (moving warped bilinearly); **folded**: fraction of pixels with "
-        "Jacobian determinant <= 0; **objective**: SSD + λ·diffusion in jaxreg's convention (pixels). Each side "
-        "computes its own accuracy numbers by the same definitions.",
-        "",
     ]
+    networks = {r.get("network") for r in result.get("rows") or []}
+    if "mnist-multistep" in networks or not networks:
+        lines.append(
+            f"- experiment: MNIST multistep (MLP 1568-50-50-1568, 8 weight-shared steps), {s['steps']} training steps of "
+            f"128 pairs of fives, Adam 1e-3, seed {s['seed']}; evaluation on 256 pairs of fives and 256 of sevens (test set). "
+            "**steps/s**: training steps per second after the warm-up steps (icon: the first 10; jaxreg: its compiling steps, listed as "
+            "**compile s**); **train s**: all steps; **peak MiB**: the process's VmHWM; **inference pairs/s**: batches "
+            "of 256, no gradient. Dice of the > 0.5 masks (moving warped bilinearly); **folded**: fraction of pixels with "
+            "Jacobian determinant <= 0; **objective**: SSD + λ·diffusion in jaxreg's convention (pixels). Each side "
+            "computes its own accuracy numbers by the same definitions."
+        )
+    if networks - {"mnist-multistep"}:
+        lines.append(
+            f"- 3-D network: `examples/gradicon_3d.py --steps {s.get('steps_3d')}` (two-step U-Net, GradICON, Adam, "
+            "synthetic 32³ shapes, batch 2); **steps/s** after the compiling steps; Dice over the 4 shape labels on 32 new "
+            "synthetic pairs and over 35 labels on the OASIS pair (never seen in training); **folded**: fraction of voxels "
+            "with Jacobian determinant <= 0."
+        )
+    lines.append("")
     busy = busy_note(result)
     if busy:
         lines += [f"**{busy}**", ""]
