@@ -1,6 +1,6 @@
 """Convolutions for XLA's CPU backend: 3-D ones as 2-D ones, gradients in canonical form.
 
-Two things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (jaxlib 0.10.2):
+Three things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (jaxlib 0.10.2):
 
 - **3-D convolutions.** XLA runs three spatial dimensions 3-4x slower than two: a U-Net
   layer (3x3x3, 8 -> 16 channels, batch 2, forward + both gradients) took 181 ms at 32^3
@@ -29,8 +29,8 @@ Together: the 3-D GradICON training step of ``examples/gradicon_3d.py`` (two-ste
 convolutions (same process, in turn).
 
 :func:`conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` (flax's
-``nnx.Conv`` takes it as ``conv_general_dilated=``) that uses both where it can and the
-backend is a CPU; on other backends it is lax's, unchanged.
+``nnx.Conv`` takes it as ``conv_general_dilated=``) that does all three where it can and
+the backend is a CPU; on other backends it is lax's, unchanged.
 """
 
 from __future__ import annotations
