@@ -404,6 +404,13 @@ def per_turn(comparison: dict) -> str:
     return f"{turns['median']:.2f}× ({turns['min']:.2f}–{turns['max']:.2f}×, {turns['turns']} turns)"
 
 
+def experiments_run(result: dict) -> tuple[bool, bool]:
+    """(the MNIST experiment, the 3-D network): which of the two a result's rows hold (a run
+    without rows yet counts as the MNIST experiment, the suite's default)."""
+    networks = {r.get("network") for r in result.get("rows") or []}
+    return "mnist-multistep" in networks or not networks, bool(networks - {"mnist-multistep"})
+
+
 def render(result: dict) -> str:
     from benchmarks._timing import code_line, markdown_table
 
@@ -417,8 +424,8 @@ def render(result: dict) -> str:
         f"{result['started']}",
         code_line(result),
     ]
-    networks = {r.get("network") for r in result.get("rows") or []}
-    if "mnist-multistep" in networks or not networks:
+    mnist, network_3d = experiments_run(result)
+    if mnist:
         lines.append(
             f"- experiment: MNIST multistep (MLP 1568-50-50-1568, 8 weight-shared steps), {s['steps']} training steps of "
             f"128 pairs of fives, Adam 1e-3, seed {s['seed']}; evaluation on 256 pairs of fives and 256 of sevens (test set). "
@@ -428,7 +435,7 @@ def render(result: dict) -> str:
             "Jacobian determinant <= 0; **objective**: SSD + λ·diffusion in jaxreg's convention (pixels). Each side "
             "computes its own accuracy numbers by the same definitions."
         )
-    if networks - {"mnist-multistep"}:
+    if network_3d:
         lines.append(
             f"- 3-D network: `examples/gradicon_3d.py --steps {s.get('steps_3d')}` (two-step U-Net, GradICON, Adam, "
             "synthetic 32³ shapes, batch 2); **steps/s** after the compiling steps; Dice over the 4 shape labels on 32 new "

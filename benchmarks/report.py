@@ -356,20 +356,20 @@ def compile_section(result: dict, plots: Plots) -> list[str]:
 
 
 def amortized_section(result: dict, plots: Plots) -> list[str]:
+    from benchmarks.amortized import busy_note, experiments_run, how_compared, network_tables, per_turn, tool_name
+
     settings = result.get("settings") or {}
-    networks = {r.get("network") for r in result.get("rows") or []}
+    mnist, network_3d = experiments_run(result)
     lines = []
-    if "mnist-multistep" in networks or not networks:
+    if mnist:
         lines += [f"MNIST multistep network: {settings.get('steps')} training steps per run, seed {settings.get('seed')}; "
                   "each run in its own process (the experiment is specified in `benchmarks/peers/icon_mnist.py`). "
                   "**steps/s**: training steps per second after the warm-up steps; **speed-up** = jaxreg steps/s ÷ "
                   "icon_registration steps/s.", ""]
-    if networks - {"mnist-multistep"}:
+    if network_3d:
         lines += [f"3-D network: `examples/gradicon_3d.py --steps {settings.get('steps_3d')}` in its own process "
                   "(a two-step U-Net trained with GradICON on synthetic shapes; evaluated on new synthetic pairs and on "
                   "the OASIS pair, which it never saw). jaxreg only: this suite has no 3-D icon_registration peer yet.", ""]
-    from benchmarks.amortized import busy_note, how_compared, network_tables, per_turn, tool_name
-
     busy = busy_note(result) if result.get("rows") else ""
     if busy:
         lines += [f"!!! warning\n    {busy}", ""]
