@@ -8,7 +8,8 @@
   data parallelism, ``fine_tune`` (instance optimisation);
 - :mod:`jaxreg.nn.models` -- named architectures rebuilt from a checkpoint's spec;
 - :mod:`jaxreg.nn.inference` -- run a trained network on images in physical space;
-- :mod:`jaxreg.nn.conv` -- 3-D convolutions computed as 2-D ones (faster on XLA's CPU backend).
+- :mod:`jaxreg.nn.conv` -- the networks' convolutions in forms XLA's CPU backend runs fast
+  (3-D ones as 2-D ones; gradients that stay fast in loops and under vmap).
 """
 
 from jaxreg.nn import conv, inference, losses, models, modules, training

@@ -151,7 +151,8 @@ class MLP(nnx.Module):
 
 
 def _conv(*args, **kwargs) -> nnx.Conv:
-    # 3-D convolutions run as 2-D ones on CPU (jaxreg.nn.conv): 3-4x faster there.
+    # On CPU, jaxreg.nn.conv runs 3-D convolutions as 2-D ones and keeps the gradients fast
+    # inside train()'s scan and under vmap: the 3-D training step ran 4-5x faster.
     return nnx.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
