@@ -46,6 +46,14 @@ def make_batch(n: int, size: int):
     return jnp.broadcast_to(fixed, moving.shape), moving
 
 
+def speedup_of_rounds(vmap_times, loop_times) -> dict:
+    """loop / vmap from the median times, and the lowest and highest ratio of one round
+    (the two programs timed back to back), whose spread says how far one median can be trusted."""
+    per_round = [loop / batched for batched, loop in zip(vmap_times, loop_times, strict=True)]
+    return dict(speedup=statistics.median(loop_times) / statistics.median(vmap_times),
+                speedup_min=min(per_round), speedup_max=max(per_round), rounds=len(per_round))
+
+
 def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size: int) -> list[dict]:
     stage = STAGES[stage_name]
     options = dict(shrink=(2, 1), steps=(steps, steps // 2), optimizer=optax.adam(0.5))
@@ -75,7 +83,8 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
         for program in programs:  # warm-up
             block(program())
         # In rounds, each program once per round: a slow spell of the machine hits all alike.
-        times = [statistics.median(t) for t in time_in_rounds(programs, repeats)]
+        rounds = time_in_rounds(programs, repeats)
+        times = [statistics.median(t) for t in rounds]
         vmap_s, loop_s = times[:2]
         if n > batch_size:
             chunked = dict(batch_size=batch_size, chunked_pairs_per_s=n / times[2],
@@ -89,7 +98,7 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
                 loop_s=loop_s,
                 vmap_pairs_per_s=n / vmap_s,
                 loop_pairs_per_s=n / loop_s,
-                speedup=loop_s / vmap_s,
+                **speedup_of_rounds(rounds[0], rounds[1]),
                 vmap_compile_s=vmap_compile,
                 loop_compile_s=loop_compile,
                 **chunked,
@@ -105,19 +114,19 @@ def render(result: dict) -> str:
         "# Population throughput: vmap vs loop",
         "",
         f"{result['started']} on {m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores), jax {m.get('jax', '?')}. "
-        "Median of repeated runs, taken in rounds (each program once per round, in turn, after one warm-up call); compile excluded and listed apart (the loop program is compiled once, so after the first count it comes from JAX's cache).",
+        "Median of repeated runs, taken in rounds (each program once per round, in turn, after one warm-up call); compile excluded and listed apart (the loop program is compiled once, so after the first count it comes from JAX's cache). **per round**: the lowest and highest of the vmap / loop ratios of single rounds: the spread the host's noise gives one measurement (the median columns are of the times, not of these ratios).",
         "",
     ]
     chunk = lambda r, key, spec: format(r[key], spec) if key in r else ""  # noqa: E731
     rows = [
         [r["stage"], f"{r['size']}^2", r["pairs"], f"{r['vmap_pairs_per_s']:.2f}", f"{r['loop_pairs_per_s']:.2f}",
-         f"{r['speedup']:.2f}x", chunk(r, "chunked_pairs_per_s", ".2f"), chunk(r, "chunked_speedup", ".2f") + ("x" if "chunked_speedup" in r else ""),
+         f"{r['speedup']:.2f}x", f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}" if "speedup_min" in r else "", chunk(r, "chunked_pairs_per_s", ".2f"), chunk(r, "chunked_speedup", ".2f") + ("x" if "chunked_speedup" in r else ""),
          f"{r['vmap_compile_s']:.1f}", f"{r['loop_compile_s']:.1f}"]
         for r in result["rows"]
     ]
     size = result["settings"].get("batch_size", 32)
     lines.append(markdown_table(["stage", "size", "pairs", "vmap pairs/s", "loop pairs/s", "vmap / loop",
-                                 f"vmap {size} at a time pairs/s", f"{size} at a time / loop", "vmap compile s", "loop compile s"], rows))
+                                 "per round", f"vmap {size} at a time pairs/s", f"{size} at a time / loop", "vmap compile s", "loop compile s"], rows))
     return "\n".join(lines) + "\n"
 
 
@@ -129,6 +138,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32,
                         help="above this many pairs, also time them this many at a time (register_many's batch_size)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per count (each program once per round)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "population.json"))
     args = parser.parse_args(argv)
     counts = (1, 8) if args.quick else (1, 8, 32, 128) if args.large else (1, 8, 32)
@@ -138,11 +148,11 @@ def main(argv=None):
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "code": code_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-        "settings": {"quick": args.quick, "size": size, "steps": steps, "counts": counts, "batch_size": args.batch_size},
+        "settings": {"quick": args.quick, "size": size, "steps": steps, "counts": counts, "batch_size": args.batch_size, "rounds": args.rounds},
         "rows": [],
     }
     for stage in args.stage.split(","):
-        result["rows"] += run(stage.strip(), counts, size, steps, repeats=3, batch_size=args.batch_size)
+        result["rows"] += run(stage.strip(), counts, size, steps, repeats=args.rounds, batch_size=args.batch_size)
         write_atomic(args.out, json.dumps(result, indent=1) + "\n")
         write_atomic(os.path.splitext(args.out)[0] + ".md", render(result))
     print(render(result))

@@ -1,0 +1,45 @@
+"""The population suite's ratios and its section of the results page."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import population, report  # noqa: E402
+
+
+def test_speedup_is_the_ratio_of_median_times_and_the_spread_that_of_single_rounds():
+    ratios = population.speedup_of_rounds([1.0, 2.0, 1.0], [2.0, 3.0, 1.5])
+    # Medians 1.0 (vmap) and 2.0 (loop); the rounds' own ratios are 2.0, 1.5 and 1.5.
+    assert ratios["speedup"] == pytest.approx(2.0)
+    assert (ratios["speedup_min"], ratios["speedup_max"], ratios["rounds"]) == (pytest.approx(1.5), pytest.approx(2.0), 3)
+    with pytest.raises(ValueError):
+        population.speedup_of_rounds([1.0, 2.0], [1.0])
+
+
+def _row(pairs, **extra):
+    return {"stage": "svf", "pairs": pairs, "size": 96, "vmap_pairs_per_s": 2.0 * pairs, "loop_pairs_per_s": float(pairs),
+            "speedup": 2.0, "vmap_compile_s": 3.0, "loop_compile_s": 0.1, **extra}
+
+
+class _NoPlots:
+    plt = None
+
+
+def test_page_section_lists_the_per_round_spread_and_the_chunked_columns_in_order():
+    result = {"settings": {"size": 96, "steps": 40, "rounds": 7, "batch_size": 32},
+              "rows": [_row(8, speedup_min=1.25, speedup_max=1.75),
+                       _row(128, speedup_min=1.5, speedup_max=2.5, chunked_pairs_per_s=300.0, chunked_speedup=2.34)]}
+    lines = report.population_section(result, _NoPlots())
+    table = [line for line in "\n".join(lines).splitlines() if line.startswith("| ")]
+    assert table[0] == ("| stage | pairs | vmap pairs/s | loop pairs/s | vmap ÷ loop | per round | 32 at a time pairs/s | "
+                        "32 at a time ÷ loop | vmap compile s | loop compile s |")
+    assert table[1] == "| svf | 8 | 16.00 | 8.00 | 2.00 | 1.25–1.75 |  |  | 3.0 | 0.1 |"
+    assert table[2] == "| svf | 128 | 256.00 | 128.00 | 2.00 | 1.50–2.50 | 300.00 | 2.34 | 3.0 | 0.1 |"
+    # A results file written before the per-round columns existed renders without them.
+    old = {"settings": {"size": 96, "steps": 40}, "rows": [_row(8)]}
+    (header,) = [line for line in "\n".join(report.population_section(old, _NoPlots())).splitlines() if line.startswith("| stage")]
+    assert "per round" not in header and header.endswith("| vmap compile s | loop compile s |")
