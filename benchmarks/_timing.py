@@ -98,6 +98,36 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 3) -> dict:
     }
 
 
+def cpu_description(cpuinfo: str) -> dict:
+    """Model name, family and model number, and widest vector ISA of the first CPU in a
+    ``/proc/cpuinfo`` text. The name alone ("AMD EPYC") can hide hosts whose gathers differ
+    2x in speed (AVX-512 or not; see ``jaxreg.sampling._values_read_patches``)."""
+    first = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if first:
+                break
+            continue
+        key, _, value = line.partition(":")
+        first.setdefault(key.strip(), value.strip())
+    flags = set(first.get("flags", "").split())
+    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse/other" if flags else ""
+    return {"cpu_model": first.get("model name", ""), "cpu_family": first.get("cpu family", ""),
+            "cpu_model_number": first.get("model", ""), "cpu_isa": isa}
+
+
+def cpu_label(machine: dict) -> str:
+    """``AMD EPYC (family 26 model 2, avx512f)`` from a :func:`machine_info` record; older
+    records without family and ISA give the name alone."""
+    name = machine.get("cpu_model") or machine.get("processor") or "?"
+    detail = []
+    if machine.get("cpu_family"):
+        detail.append(f"family {machine['cpu_family']} model {machine.get('cpu_model_number', '?')}")
+    if machine.get("cpu_isa"):
+        detail.append(machine["cpu_isa"])
+    return f"{name} ({', '.join(detail)})" if detail else name
+
+
 def machine_info() -> dict:
     info = {
         "processor": platform.processor(),
@@ -112,8 +142,8 @@ def machine_info() -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu_model"] = names[0] if names else ""
+            cpuinfo = cpu_description(f.read())
+        info.update(cpuinfo)
     except OSError:
         pass
     for module in ("jaxlib", "torch", "scipy"):

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks._timing import (
     block,
+    cpu_label,
     code_line,
     code_version,
     compile_jax,
@@ -551,7 +552,7 @@ def render(result) -> str:
     return "\n".join([
         f"# Kernel benchmarks ({'quick' if result['settings']['quick'] else 'full'})",
         "",
-        f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
+        f"- machine: {cpu_label(m)} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
         f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m['torch']}, scipy {m['scipy']}, SimpleITK {m.get('SimpleITK')}; {result['started']}",
         code_line(result, total=False),
         f"- memory bandwidth: {bw['gb_per_s']:.1f} GB/s ({bw['method']})",

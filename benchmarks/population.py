@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import block, code_version, machine_info, markdown_table, time_in_rounds, write_atomic  # noqa: E402
+from _timing import block, code_version, cpu_label, machine_info, markdown_table, time_in_rounds, write_atomic  # noqa: E402
 
 from jaxreg import synthetic  # noqa: E402
 from jaxreg.grid import Grid, Image  # noqa: E402
@@ -113,7 +113,7 @@ def render(result: dict) -> str:
     lines = [
         "# Population throughput: vmap vs loop",
         "",
-        f"{result['started']} on {m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores), jax {m.get('jax', '?')}. "
+        f"{result['started']} on {cpu_label(m)} ({m.get('cpu_count', '?')} cores), jax {m.get('jax', '?')}. "
         "Median of repeated runs, taken in rounds (each program once per round, in turn, after one warm-up call); compile excluded and listed apart (the loop program is compiled once, so after the first count it comes from JAX's cache). **per round**: the lowest and highest of the vmap / loop ratios of single rounds: the spread the host's noise gives one measurement (the median columns are of the times, not of these ratios).",
         "",
     ]

@@ -26,7 +26,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import markdown_table, write_atomic  # noqa: E402
+from benchmarks._timing import cpu_label, markdown_table, write_atomic  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -66,7 +66,7 @@ def _voxels(size: str) -> int:
 
 def machine_line(result: dict) -> str:
     m = result.get("machine") or {}
-    cpu = m.get("cpu_model") or m.get("processor") or "?"
+    cpu = cpu_label(m)
     cores = m.get("cores_available") or m.get("cpu_count")
     parts = [f"{cpu} ({m.get('machine', '?')}), {cores} cores"]
     if m.get("mem_total_gib"):

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -191,10 +193,8 @@ def _interpolate_linear_patches(image, coords, mode: str, cval, with_gradient: b
     training step 4 % faster (median over 11 blocks of 50 steps run in turn, range
     -2 % to +10 %). One patch gather instead of ``2**d`` element gathers
     cuts XLA CPU's per-index work ``2**d``-fold: forward + coordinate gradient measured
-    1.5x (160x192x224) to 1.7x (128 pairs of 28x28) faster. Forward alone is faster this
-    way in 2-D (256x256: 0.25 against 0.43 ms) but slower in 3-D (64^3: 1.7 against
-    1.4 ms), so 3-D values without a gradient keep the element gathers. The gradient is
-    None without ``with_gradient``.
+    1.5x (160x192x224) to 1.7x (128 pairs of 28x28) faster. Values alone are another
+    matter (:func:`_values_read_patches`). The gradient is None without ``with_gradient``.
     """
     ndim = coords.shape[-1]
     spatial = image.shape[:ndim]
@@ -265,9 +265,52 @@ def _end_of_fusion(array):
     return jax.lax.optimization_barrier(array)
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_vector_gathers() -> bool:
+    """Whether XLA compiles CPU programs here for AVX-512, whose gather instructions LLVM
+    uses to vectorize an element-gather loop (Linux ``/proc/cpuinfo`` flags, unless
+    ``XLA_FLAGS`` caps ``--xla_cpu_max_isa`` below AVX512)."""
+    cap = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    if cap and not cap.group(1).upper().startswith("AVX512"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def _values_read_patches(image, coords, order: int, mode: str) -> bool:
+    """Whether values alone (no gradient) are read by one patch gather per point rather
+    than ``2**d`` element gathers.
+
+    Which is faster depends on the CPU. Forward only, median of interleaved calls, XLA
+    CPU (jaxlib 0.10.2, 2 cores):
+
+    - an AMD EPYC with AVX-512 (family 26): elements win for scalar images (256x256: 0.14
+      against 0.21 ms; 128^3: 4.9 against 8.4 ms) and 2-D images of any channel count (16
+      channels: 0.76 against 0.86 ms), patches for 3-D vector fields (64^3 x 2: 1.6 against
+      3.9 ms; 128^3 x 3: 62 against 84 ms);
+    - the same host with ``--xla_cpu_max_isa=AVX2``: patches win or tie everywhere (64^3 x
+      2: 2.4 against 4.9 ms; 128^3: 8.3 against 12.2 ms; 256x256: 0.30 against 0.32 ms);
+    - an earlier host (model not recorded; its peers' numbers suggest no AVX-512):
+      patches in 2-D (256x256: 0.25 against 0.43 ms), elements for 3-D scalar images
+      (64^3: 1.4 against 1.7 ms).
+
+    So: patches for 3-D vector fields (each squaring of ``Velocity.exp``, each
+    composition) everywhere, and for 2-D images unless the CPU has vector gathers.
+    """
+    if order != 1 or mode not in ("constant", "nearest"):
+        return False
+    ndim = coords.shape[-1]
+    if ndim >= 3:
+        return int(np.prod(image.shape[ndim:])) >= 2
+    return not (jax.default_backend() == "cpu" and _cpu_vector_gathers())
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _sample(image, coords, order, mode, cval):
-    if order == 1 and mode in ("constant", "nearest") and coords.shape[-1] == 2:
+    if _values_read_patches(image, coords, order, mode):
         return _interpolate_linear_patches(image, coords, mode, cval, with_gradient=False)[0]
     return _interpolate(image, coords, order, mode, cval, with_gradient=False)[0]
 
@@ -281,9 +324,8 @@ def _sample_jvp(order, mode, cval, primals, tangents):
     value_dot = jnp.zeros_like(value)
     if not isinstance(image_dot, SymbolicZero):
         # Linear in image_dot; cval is a constant, so the tangent image reads zero outside.
-        # Element gathers here even in 2-D, where values alone read patches (_sample): the
-        # transpose of this line is the image gradient, and 2**d element scatters beat one
-        # patch scatter there (128 pairs of 28x28x2: 0.86 against 1.24 ms).
+        # Element gathers here, even where values alone read patches (_sample): the transpose of this line is the image gradient, and 2**d
+        # element scatters beat one patch scatter (128 pairs of 28x28x2: 0.86 against 1.24 ms).
         value_dot = value_dot + _interpolate(image_dot, coords, order, mode, 0.0, with_gradient=False)[0]
     if wants_coords:
         value_dot = value_dot + _directional(gradient, coords_dot)

@@ -1,4 +1,4 @@
-"""The population suite's ratios and its section of the results page."""
+"""The population suite's ratios, its section of the results page, and the machine record."""
 
 from __future__ import annotations
 
@@ -43,3 +43,16 @@ def test_page_section_lists_the_per_round_spread_and_the_chunked_columns_in_orde
     old = {"settings": {"size": 96, "steps": 40}, "rows": [_row(8)]}
     (header,) = [line for line in "\n".join(report.population_section(old, _NoPlots())).splitlines() if line.startswith("| stage")]
     assert "per round" not in header and header.endswith("| vmap compile s | loop compile s |")
+
+
+def test_cpu_description_reads_the_first_processor_and_its_widest_vector_isa():
+    from benchmarks import _timing
+
+    cpuinfo = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+               "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n\nprocessor\t: 1\ncpu family\t: 25\nmodel name\t: other\n")
+    described = _timing.cpu_description(cpuinfo)
+    assert described == {"cpu_model": "AMD EPYC", "cpu_family": "26", "cpu_model_number": "2", "cpu_isa": "avx512f"}
+    assert _timing.cpu_label(described) == "AMD EPYC (family 26 model 2, avx512f)"
+    assert _timing.cpu_description(cpuinfo.replace(" avx512f avx512bw", ""))["cpu_isa"] == "avx2"
+    # A record written before family and ISA were kept shows the name alone.
+    assert _timing.cpu_label({"cpu_model": "AMD EPYC"}) == "AMD EPYC"

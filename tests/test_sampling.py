@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+from jaxreg import sampling
 from jaxreg.sampling import MODES, sample, spline_prefilter
 from tests.helpers import assert_grad_matches_fd, assert_jit_matches, assert_vmap_matches_loop
 
@@ -112,6 +113,39 @@ def test_channels_last_equals_per_channel(order):
     assert out.shape == (60, 3)
     for c in range(3):
         np.testing.assert_allclose(out[:, c], sample(image[..., c], points, order=order), atol=1e-6)
+
+
+@pytest.mark.parametrize("vector_gathers", [True, False])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("mode", ["constant", "nearest"])
+def test_values_match_scipy_whichever_gathers_read_them(ndim, mode, vector_gathers, monkeypatch):
+    # Values alone read one 2**d patch per point or 2**d elements, by image rank, channels
+    # and CPU (sampling._values_read_patches); every choice must agree with scipy.
+    monkeypatch.setattr(sampling, "_cpu_vector_gathers", lambda: vector_gathers)
+    points = _all_points(ndim)
+    for channels in (None, ndim):
+        image = _image(ndim, channels=channels)
+        with jax.disable_jit():  # trace again under the patched CPU
+            out = np.asarray(sample(image, points, mode=mode, cval=0.7)).reshape(len(points), -1)
+        for c in range(out.shape[1]):
+            plane = image if channels is None else image[..., c]
+            ref = ndi.map_coordinates(plane.astype(np.float64), points.T, order=1, mode=SCIPY_MODE[mode], cval=0.7)
+            np.testing.assert_allclose(out[:, c], ref, atol=1e-5)
+
+
+def test_cpu_vector_gathers_follow_the_cpu_flags_and_xla_isa_cap(monkeypatch, tmp_path):
+    sampling._cpu_vector_gathers.cache_clear()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    assert sampling._cpu_vector_gathers() is False
+    sampling._cpu_vector_gathers.cache_clear()
+    monkeypatch.setenv("XLA_FLAGS", "")
+    try:
+        with open("/proc/cpuinfo") as f:
+            has = any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+    except OSError:
+        has = False
+    assert sampling._cpu_vector_gathers() is has
+    sampling._cpu_vector_gathers.cache_clear()
 
 
 def test_nearest_keeps_integer_labels_exact():
@@ -223,3 +257,14 @@ def test_bad_shapes_raise():
         sample(_image(2), np.zeros((3, 2), np.int32))
     with pytest.raises(ValueError, match="empty"):
         sample(np.zeros((0, 3), np.float32), _interior_points(2))
+
+
+@pytest.mark.parametrize("vector_gathers", [True, False])
+def test_values_read_patches_for_3d_vector_fields_and_for_2d_without_vector_gathers(vector_gathers, monkeypatch):
+    monkeypatch.setattr(sampling, "_cpu_vector_gathers", lambda: vector_gathers)
+    read = lambda image_shape, d, order=1, mode="constant": sampling._values_read_patches(  # noqa: E731
+        np.zeros(image_shape), np.zeros((4, d)), order, mode)
+    assert read((6, 6, 6, 3), 3) and read((6, 6, 6, 2), 3, mode="nearest")
+    assert not read((6, 6, 6), 3) and not read((6, 6, 6, 1), 3)
+    assert read((6, 6), 2) is (not vector_gathers) and read((6, 6, 2), 2) is (not vector_gathers)
+    assert not read((6, 6, 6, 3), 3, order=3) and not read((6, 6, 6, 3), 3, mode="mirror")
