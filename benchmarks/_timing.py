@@ -142,8 +142,7 @@ def machine_info() -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            cpuinfo = cpu_description(f.read())
-        info.update(cpuinfo)
+            info.update(cpu_description(f.read()))
     except OSError:
         pass
     for module in ("jaxlib", "torch", "scipy"):

@@ -280,12 +280,14 @@ def population_section(result: dict, plots: Plots) -> list[str]:
     headers = ["stage", "pairs", "vmap pairs/s", "loop pairs/s", "vmap ÷ loop", "vmap compile s", "loop compile s"]
     table = [[r["stage"], r["pairs"], _f(r.get("vmap_pairs_per_s"), ".2f"), _f(r.get("loop_pairs_per_s"), ".2f"),
               _f(r.get("speedup"), ".2f"), _f(r.get("vmap_compile_s"), ".1f"), _f(r.get("loop_compile_s"), ".1f")] for r in rows]
+    # Optional columns go just before the compile times.
     if any("speedup_min" in r for r in rows):
         lines += [f"**per round**: the lowest and highest of the {settings.get('rounds', '?')} vmap ÷ loop ratios of single "
                   "rounds (each program once per round): the spread the host's noise gives one measurement.", ""]
-        headers[5:5] = ["per round"]
+        at = headers.index("vmap compile s")
+        headers[at:at] = ["per round"]
         for row, r in zip(table, rows):
-            row[5:5] = [f"{r['speedup_min']:.2f}–{r['speedup_max']:.2f}" if "speedup_min" in r else ""]
+            row[at:at] = [f"{r['speedup_min']:.2f}–{r['speedup_max']:.2f}" if "speedup_min" in r else ""]
     if any("chunked_pairs_per_s" in r for r in rows):
         size = settings.get("batch_size")
         lines += [f"Above {size} pairs the batch is also registered {size} at a time (`register_many(..., batch_size={size})`, "

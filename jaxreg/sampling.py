@@ -324,8 +324,9 @@ def _sample_jvp(order, mode, cval, primals, tangents):
     value_dot = jnp.zeros_like(value)
     if not isinstance(image_dot, SymbolicZero):
         # Linear in image_dot; cval is a constant, so the tangent image reads zero outside.
-        # Element gathers here, even where values alone read patches (_sample): the transpose of this line is the image gradient, and 2**d
-        # element scatters beat one patch scatter (128 pairs of 28x28x2: 0.86 against 1.24 ms).
+        # Element gathers here, even where values alone read patches (_sample): the
+        # transpose of this line is the image gradient, and 2**d element scatters beat
+        # one patch scatter (128 pairs of 28x28x2: 0.86 against 1.24 ms).
         value_dot = value_dot + _interpolate(image_dot, coords, order, mode, 0.0, with_gradient=False)[0]
     if wants_coords:
         value_dot = value_dot + _directional(gradient, coords_dot)

@@ -133,19 +133,23 @@ def test_values_match_scipy_whichever_gathers_read_them(ndim, mode, vector_gathe
             np.testing.assert_allclose(out[:, c], ref, atol=1e-5)
 
 
-def test_cpu_vector_gathers_follow_the_cpu_flags_and_xla_isa_cap(monkeypatch, tmp_path):
-    sampling._cpu_vector_gathers.cache_clear()
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
-    assert sampling._cpu_vector_gathers() is False
-    sampling._cpu_vector_gathers.cache_clear()
-    monkeypatch.setenv("XLA_FLAGS", "")
+def test_cpu_vector_gathers_follow_the_cpu_flags_and_xla_isa_cap(monkeypatch):
+    from benchmarks._timing import cpu_description
+
     try:
         with open("/proc/cpuinfo") as f:
-            has = any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+            has_avx512 = cpu_description(f.read())["cpu_isa"] == "avx512f"
     except OSError:
-        has = False
-    assert sampling._cpu_vector_gathers() is has
-    sampling._cpu_vector_gathers.cache_clear()
+        has_avx512 = False
+    try:
+        sampling._cpu_vector_gathers.cache_clear()
+        monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+        assert sampling._cpu_vector_gathers() is False
+        sampling._cpu_vector_gathers.cache_clear()
+        monkeypatch.setenv("XLA_FLAGS", "")
+        assert sampling._cpu_vector_gathers() is has_avx512
+    finally:
+        sampling._cpu_vector_gathers.cache_clear()  # the next caller reads the real environment
 
 
 def test_nearest_keeps_integer_labels_exact():
