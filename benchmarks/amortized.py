@@ -28,8 +28,10 @@ steps, not the waits for a turn, and the ratio is also reported turn by turn.
   2 cores: 0.8 to 2.9 steps/s with 2 threads, 4.8 with 1), so ``--icon-threads 1,2``
   keeps the comparison fair there. Each row records the 1-minute load average before and
   after it, and the Markdown warns when the machine was busy.
-- a 3-D network row: ``python examples/gradicon_3d.py --steps N3 --out DIR`` when that
-  example exists (jaxreg only: no icon 3-D peer here yet).
+- the 3-D network: ``python examples/gradicon_3d.py --steps N3 --out DIR``, then its
+  icon_registration copy ``python benchmarks/peers/icon_3d.py`` with the same arguments
+  (same training pairs, same U-Net, GradICON with λ converted, scored by the example's
+  own functions), one after the other; the speed-up compares their steps/s.
 
 A run that cannot happen (example missing, icon_registration not importable) is a row
 with the reason. The experiment: an MLP on the two 28×28 images, applied 8 times with
@@ -59,6 +61,8 @@ DEFAULT_DATA = os.path.join(SHARED_DATA, "mnist", "mnist.npz")
 JAXREG_EXAMPLE = os.path.join(REPO, "examples", "mnist_multistep.py")
 JAXREG_3D_EXAMPLE = os.path.join(REPO, "examples", "gradicon_3d.py")
 ICON_PEER = os.path.join(HERE, "peers", "icon_mnist.py")
+ICON_3D_PEER = os.path.join(HERE, "peers", "icon_3d.py")
+NETWORK_3D = "3-D network (examples/gradicon_3d.py)"
 LOSSES = ("diffusion", "icon", "gradicon")
 TARGET_SPEEDUP = 3.0
 ACCURACY = ("ssd_before", "ssd_after", "dice_before", "dice_after", "folded_fraction", "objective")
@@ -246,16 +250,24 @@ def mnist_rows(loss: str, args, workdir: str) -> list[dict]:
 
 
 def network3d_rows(args, workdir: str) -> list[dict]:
-    row = {"network": "3-D network (examples/gradicon_3d.py)", "loss": "gradicon", "steps": args.steps_3d, "tool": "jaxreg"}
+    """The 3-D GradICON network: jaxreg's example, then icon_registration's copy of it
+    (``benchmarks/peers/icon_3d.py``, same data, network, loss and evaluation) once per
+    ``--icon-threads`` value. The example does not take turns, so each runs alone."""
+    base = {"network": NETWORK_3D, "loss": "gradicon", "steps": args.steps_3d}
+    common = ["--steps", str(args.steps_3d), *args.args_3d.split()]
+    planned, jobs = [dict(base, tool="jaxreg")], []
     if not os.path.exists(JAXREG_3D_EXAMPLE):
-        row.update(status="skipped", note="examples/gradicon_3d.py not found")
-        return [row]
-    folder = os.path.join(workdir, "jaxreg-3d")
-    command = [sys.executable, JAXREG_3D_EXAMPLE, "--steps", str(args.steps_3d), "--out", folder, *args.args_3d.split()]
-    print("[3-D] jaxreg ...", file=sys.stderr, flush=True)
-    row.update(run_group([(command, folder, environment(True))], args.timeout)[0])
-    return [row, {"network": row["network"], "loss": "gradicon", "tool": "icon_registration", "status": "skipped",
-                  "note": "no icon_registration 3-D peer in this suite yet"}]
+        planned[0].update(status="skipped", note="examples/gradicon_3d.py not found")
+    else:
+        folder = os.path.join(workdir, "jaxreg-3d")
+        jobs.append(([sys.executable, JAXREG_3D_EXAMPLE, "--out", folder, *common], folder, environment(True)))
+    for threads in args.icon_threads:
+        folder = os.path.join(workdir, f"icon-3d-{threads}")
+        jobs.append(([args.peer_python, ICON_3D_PEER, "--out", folder, *common, "--threads", str(threads)], folder, environment(False)))
+        planned.append(dict(base, tool="icon_registration", threads=threads))
+    print("[3-D] " + ", ".join(tool_name(r) for r in planned if "status" not in r) + ": one after the other ...", file=sys.stderr, flush=True)
+    records = iter(run_group(jobs, args.timeout, in_turn=False))
+    return [row if "status" in row else dict(row, **next(records)) for row in planned]
 
 
 def _config(row: dict):
@@ -283,8 +295,8 @@ def compare(rows: list[dict]) -> list[dict]:
     ratio within each round (both sides' fastest rows of that round), which a drifting
     machine disturbs least."""
     out = []
-    for loss in LOSSES:
-        ok = [r for r in rows if r["network"] == "mnist-multistep" and r["loss"] == loss and r.get("status") == "ok"
+    for network, loss in [("mnist-multistep", loss) for loss in LOSSES] + [(NETWORK_3D, "gradicon")]:
+        ok = [r for r in rows if r["network"] == network and r["loss"] == loss and r.get("status") == "ok"
               and (r.get("summary") or {}).get("steps_per_second")]
         by_config = {}
         for r in ok:
@@ -299,7 +311,7 @@ def compare(rows: list[dict]) -> list[dict]:
         best_ours = max(ours, key=lambda c: medians[c]["steps_per_second"])
         best_theirs = max(theirs, key=lambda c: medians[c]["steps_per_second"])
         j, i = medians[best_ours], medians[best_theirs]
-        record = {"loss": loss, "target": TARGET_SPEEDUP, "icon_threads": best_theirs[2], "jaxreg_devices": best_ours[1] or 1,
+        record = {"loss": loss, "network": network, "target": TARGET_SPEEDUP, "icon_threads": best_theirs[2], "jaxreg_devices": best_ours[1] or 1,
                   "runs_per_config": max(len(v) for v in by_config.values()),
                   "jaxreg_steps_per_second": j["steps_per_second"], "icon_steps_per_second": i["steps_per_second"]}
         for key in ("steps_per_second", "inference_pairs_per_second"):
@@ -397,6 +409,12 @@ def how_compared(result: dict) -> str:
                     "each round." if runs > 1 else "Each side's fastest row is compared.")
 
 
+def comparison_label(comparison: dict) -> str:
+    """The loss, and the network where it is not the MNIST one (older files name none)."""
+    network = comparison.get("network", "mnist-multistep")
+    return comparison["loss"] if network == "mnist-multistep" else f"{comparison['loss']}, 3-D U-Net"
+
+
 def per_turn(comparison: dict) -> str:
     turns = comparison.get("steps_per_second_ratio_per_turn")
     if not turns:
@@ -440,7 +458,9 @@ def render(result: dict) -> str:
             f"- 3-D network: `examples/gradicon_3d.py --steps {s.get('steps_3d')}` (two-step U-Net, GradICON, Adam, "
             "synthetic 32³ shapes, batch 2); **steps/s** after the compiling steps; Dice over the 4 shape labels on 32 new "
             "synthetic pairs and over 35 labels on the OASIS pair (never seen in training); **folded**: fraction of voxels "
-            "with Jacobian determinant <= 0."
+            "with Jacobian determinant <= 0. icon_registration runs `benchmarks/peers/icon_3d.py` on the same pairs with "
+            "the same U-Net; its steps/s leave out drawing the batch (timed as data s/step in its metrics), which "
+            "jaxreg's compiled step includes."
         )
     lines.append("")
     busy = busy_note(result)
@@ -449,7 +469,7 @@ def render(result: dict) -> str:
     if result["comparisons"]:
         times = lambda v: "" if v is None else f"{v:.2f}×"  # noqa: E731
         met = {True: "yes", False: "no", None: ""}
-        rows = [[c["loss"], times(c.get("steps_per_second_ratio")), _f(c.get("jaxreg_steps_per_second"), ".2f"),
+        rows = [[comparison_label(c), times(c.get("steps_per_second_ratio")), _f(c.get("jaxreg_steps_per_second"), ".2f"),
                  _f(c.get("icon_steps_per_second"), ".2f"), c.get("jaxreg_devices", 1), c.get("icon_threads"),
                  ", ".join(times(v) for v in c.get("steps_per_second_ratio_per_round") or []), per_turn(c), f"≥ {c['target']:g}×",
                  met[c.get("meets_target")], times(c.get("inference_pairs_per_second_ratio"))]

@@ -365,7 +365,7 @@ def compile_section(result: dict, plots: Plots) -> list[str]:
 
 
 def amortized_section(result: dict, plots: Plots) -> list[str]:
-    from benchmarks.amortized import busy_note, experiments_run, how_compared, network_tables, per_turn, tool_name
+    from benchmarks.amortized import busy_note, comparison_label, experiments_run, how_compared, network_tables, per_turn, tool_name
 
     settings = result.get("settings") or {}
     mnist, network_3d = experiments_run(result)
@@ -378,14 +378,15 @@ def amortized_section(result: dict, plots: Plots) -> list[str]:
     if network_3d:
         lines += [f"3-D network: `examples/gradicon_3d.py --steps {settings.get('steps_3d')}` in its own process "
                   "(a two-step U-Net trained with GradICON on synthetic shapes; evaluated on new synthetic pairs and on "
-                  "the OASIS pair, which it never saw). jaxreg only: this suite has no 3-D icon_registration peer yet.", ""]
+                  "the OASIS pair, which it never saw), then icon_registration's copy of it (`benchmarks/peers/icon_3d.py`: the "
+                  "same training pairs, U-Net, GradICON loss and scoring), one after the other.", ""]
     busy = busy_note(result) if result.get("rows") else ""
     if busy:
         lines += [f"!!! warning\n    {busy}", ""]
     comparisons = result.get("comparisons") or []
     if comparisons:
         lines += [how_compared(result), ""]
-        table = [[c["loss"], _f(c.get("steps_per_second_ratio"), ".2f"),
+        table = [[comparison_label(c), _f(c.get("steps_per_second_ratio"), ".2f"),
                   ", ".join(_f(v, ".2f") for v in c.get("steps_per_second_ratio_per_round") or []), per_turn(c),
                   c.get("jaxreg_devices", 1), c.get("icon_threads"), _f(c.get("target"), "g"),
                   {True: "yes", False: "no"}.get(c.get("meets_target"), ""), _f(c.get("inference_pairs_per_second_ratio"), ".2f")]

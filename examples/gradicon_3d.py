@@ -75,11 +75,20 @@ def synthetic_sampler(size: int, batch_size: int, amplitude: float):
 def evaluate_synthetic(model, sampler, key):
     batch = sampler(key)
     grid = Grid(batch["fixed"].shape[1:])
+    fields = jax.lax.map(jax.jit(lambda pair: Displacement.from_transform(model(pair["moving"], pair["fixed"]), grid).field), batch)
+    return score_synthetic(batch, fields)
+
+
+def score_synthetic(batch, fields):
+    """Mean Dice of the 4 labels before/after and the folded fraction, for pairs ``batch``
+    and their displacements ``fields`` ``(pairs, *shape, 3)`` in voxels of the fixed grid
+    (shared with ``benchmarks/peers/icon_3d.py``, so that both tools are scored alike)."""
+    grid = Grid(batch["fixed"].shape[1:])
 
     @jax.jit
-    def run(pair):
-        t = model(pair["moving"], pair["fixed"])
-        u = Displacement.from_transform(t, grid)
+    def run(pair_and_field):
+        pair, field = pair_and_field
+        u = Displacement(field)
         warped_labels = warp(pair["moving_labels"], u, order=0)
         return (
             metrics.mean_dice(pair["moving_labels"], pair["fixed_labels"], labels=LABELS),
@@ -87,11 +96,14 @@ def evaluate_synthetic(model, sampler, key):
             jnp.mean(jacobian_determinant(u, grid) <= 0),
         )
 
-    before, after, folds = (np.asarray(a) for a in jax.lax.map(run, batch))
+    before, after, folds = (np.asarray(a) for a in jax.lax.map(run, (batch, jnp.asarray(fields))))
     return {"pairs": int(len(before)), "dice_before": float(before.mean()), "dice_after": float(after.mean()), "folded_fraction": float(folds.mean())}
 
 
-def evaluate_oasis(model, input_shape, out: Path):
+def evaluate_oasis(register, out: Path):
+    """Both directions of the OASIS pair; ``register(fixed, moving)`` returns an
+    :class:`jaxreg.nn.inference.Prediction` (:func:`inference.register_images` here, the
+    icon network in ``benchmarks/peers/icon_3d.py``)."""
     labels = tuple(range(1, 36))
     subjects = {}
     for subject in (1, 2):
@@ -103,7 +115,7 @@ def evaluate_oasis(model, input_shape, out: Path):
         fixed, fixed_seg = subjects[fixed_id]
         moving, moving_seg = subjects[moving_id]
         t0 = time.perf_counter()
-        prediction = inference.register_images(model, fixed, moving, input_shape=input_shape)
+        prediction = register(fixed, moving)
         jax.block_until_ready(prediction.warped.data)
         seconds = time.perf_counter() - t0
         warped_seg = warp(moving_seg, prediction.transform, fixed.grid, order=0)
@@ -163,7 +175,8 @@ def main(argv=None) -> int:
         "device": jax.devices()[0].device_kind,
     }
     if oasis_path(1, "aligned_norm.nii.gz").exists():
-        result["oasis"] = evaluate_oasis(model, tuple(int(n) for n in args.oasis_shape.split(",")), args.out)
+        input_shape = tuple(int(n) for n in args.oasis_shape.split(","))
+        result["oasis"] = evaluate_oasis(lambda f, m: inference.register_images(model, f, m, input_shape=input_shape), args.out)
     else:
         result["oasis"] = f"skipped: no OASIS data under {OASIS}"
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

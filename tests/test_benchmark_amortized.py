@@ -56,3 +56,79 @@ def test_compare_gives_the_ratio_within_each_turn_taken_side_by_side():
     for r in rows:
         r["side_by_side"] = 1
     assert "steps_per_second_ratio_per_turn" not in amortized.compare(rows)[0]
+
+
+def test_compare_keeps_the_3d_network_apart_from_the_mnist_one():
+    def row_3d(tool, speed, **config):
+        return dict(_row(tool, speed, None, **config), network=amortized.NETWORK_3D, loss="gradicon")
+
+    rows = [_row("jaxreg", 25.0, None, devices=1), _row("icon_registration", 10.0, None, threads=2),
+            row_3d("jaxreg", 3.0), row_3d("icon_registration", 4.0, threads=2), row_3d("icon_registration", 2.0, threads=1)]
+    mnist, network_3d = amortized.compare(rows)
+    assert mnist["network"] == "mnist-multistep" and mnist["steps_per_second_ratio"] == pytest.approx(2.5)
+    assert network_3d["network"] == amortized.NETWORK_3D and network_3d["icon_threads"] == 2
+    assert network_3d["steps_per_second_ratio"] == pytest.approx(0.75) and network_3d["meets_target"] is False
+    assert [amortized.comparison_label(c) for c in (mnist, network_3d)] == ["diffusion", "gradicon, 3-D U-Net"]
+    assert amortized.comparison_label({"loss": "icon"}) == "icon"  # files written before the 3-D peer name no network
+
+
+def _copy_weights(torch, ours, theirs):
+    """jaxreg UNet (nnx, kernels (k, k, k, in, out)) -> its torch copy (weights (out, in, k, k, k))."""
+    import numpy as np
+
+    pairs = [(ours.stem, theirs.stem), *zip(ours.down, theirs.down), *zip(ours.up, theirs.up), (ours.out, theirs.out)]
+    for conv, layer in pairs:
+        layer.weight.data = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(conv.kernel[...]), (4, 3, 0, 1, 2))))
+        layer.bias.data = torch.from_numpy(np.array(conv.bias[...]))
+
+
+def test_icon_3d_peer_unet_computes_jaxregs_unet():
+    """The peer's network is a copy of jaxreg's: with the same weights, the same displacements
+    (stride-2 padding included), and the same number of parameters."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks.peers import icon_3d
+    from jaxreg.nn.modules import UNet
+
+    features = (4, 8, 8)
+    ours = UNet(3, features=features, rngs=nnx.Rngs(0))
+    # The output layer starts at zero; give it weights so that every layer shows in the output.
+    ours.out.kernel.value = 0.1 * jax.random.normal(jax.random.key(1), ours.out.kernel.shape)
+    theirs = icon_3d.make_unet(torch, ndim=3, features=features)
+    assert sum(p.numel() for p in theirs.parameters()) == sum(np.size(p) for p in jax.tree_util.tree_leaves(nnx.state(ours, nnx.Param)))
+    _copy_weights(torch, ours, theirs)
+    pair = np.random.default_rng(0).standard_normal((16, 16, 16, 2)).astype(np.float32)
+    expected = np.asarray(ours(jnp.asarray(pair)))
+    with torch.no_grad():
+        got = theirs(torch.from_numpy(np.ascontiguousarray(pair.transpose(3, 0, 1, 2))[None]))[0].numpy().transpose(1, 2, 3, 0)
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_icon_3d_peer_reads_icons_map_as_voxel_displacements():
+    """icon's maps are points in [0, 1] per axis, channels first; the scoring takes voxels,
+    channels last: a map shifted by (1, -2, 0.5) voxels reads back as that displacement."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from benchmarks.peers import icon_3d
+
+    shape = (5, 6, 7)
+    shift = np.array([1.0, -2.0, 0.5])
+    identity = np.stack(np.meshgrid(*[np.arange(n) / (n - 1) for n in shape], indexing="ij"))[None]
+    in_icon_units = torch.from_numpy((shift / (np.array(shape) - 1)).reshape(1, 3, 1, 1, 1))
+
+    class Net:
+        identity_map = torch.from_numpy(identity)
+
+        @staticmethod
+        def regis_net(moving, fixed):  # a map per pair, as icon's FunctionFromVectorField gives
+            return lambda points: points + in_icon_units.expand(len(moving), 3, 1, 1, 1)
+
+    field = icon_3d.icon_displacement(torch, Net, np.zeros((2, *shape)), np.zeros((2, *shape)))
+    assert field.shape == (2, *shape, 3)
+    np.testing.assert_allclose(field, np.broadcast_to(shift, field.shape), atol=1e-6)
