@@ -397,14 +397,19 @@ def network_tables(result: dict, network: str, cell=str) -> list[str]:
 
 def how_compared(result: dict) -> str:
     """How the speed-up was measured (this file's Markdown and the docs' results page)."""
-    runs = max(c.get("runs_per_config", 1) for c in result.get("comparisons") or [{}])
-    turns = ("All configurations of a loss ran side by side, taking turns on the machine every 50 training steps (only "
+    comparisons = result.get("comparisons") or [{}]
+    runs = max(c.get("runs_per_config", 1) for c in comparisons)
+    has_mnist = any(c.get("network", "mnist-multistep") == "mnist-multistep" for c in comparisons)
+    has_3d = any(c.get("network", "mnist-multistep") != "mnist-multistep" for c in comparisons)
+    one_after = ("The 3-D network's runs went one after the other (its example does not take turns), each alone on "
+                 "the machine. " if has_3d else "")
+    turns = ("MNIST: all configurations of a loss ran side by side, taking turns on the machine every 50 training steps (only "
              "the one holding the turn computes; start-up, compilation and evaluation run in turns of their own), so "
              "that a machine whose speed drifts slows both sides alike. **per turn**: the ratio of the two compared "
              "configurations within each turn (the k-th block of 50 steps of each; the first, with start-up, left out), "
              "median (min–max) over the turns. "
-             if (result.get("settings") or {}).get("side_by_side") else "")
-    return turns + (f"Each configuration ran {runs} times; steps/s are medians over those runs, and each side's fastest "
+             if has_mnist and (result.get("settings") or {}).get("side_by_side") else "")
+    return turns + one_after + (f"Each configuration ran {runs} times; steps/s are medians over those runs, and each side's fastest "
                     "configuration (by median) is compared. **per round**: the ratio of both sides' fastest rows within "
                     "each round." if runs > 1 else "Each side's fastest row is compared.")
 
@@ -430,14 +435,14 @@ def experiments_run(result: dict) -> tuple[bool, bool]:
 
 
 def render(result: dict) -> str:
-    from benchmarks._timing import code_line, markdown_table
+    from benchmarks._timing import code_line, cpu_label, markdown_table
 
     m = result["machine"]
     s = result["settings"]
     lines = [
         f"# Amortized registration: jaxreg vs icon_registration ({'quick' if s['quick'] else 'full'})",
         "",
-        f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
+        f"- machine: {cpu_label(m)} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
         f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m.get('torch')}, icon_registration {m.get('icon_registration')}; "
         f"{result['started']}",
         code_line(result),

@@ -213,13 +213,13 @@ from benchmarks._timing import milliseconds as _ms, optional as _f  # noqa: E402
 
 
 def render(result: dict) -> str:
-    from benchmarks._timing import code_line, markdown_table
+    from benchmarks._timing import code_line, cpu_label, markdown_table
 
     m = result["machine"]
     lines = [
         f"# Compile time vs run time ({'quick' if result['settings']['quick'] else 'full'})",
         "",
-        f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
+        f"- machine: {cpu_label(m)} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
         f"jax {m['jax']} on {', '.join(m['jax_devices'])}; {result['started']}",
         code_line(result),
         "- protocol: see `benchmarks/compile.py`. **compile s**: `lower(...).compile()`, tracing included; "

@@ -799,13 +799,13 @@ def _machine(threads) -> dict:
 
 
 def render(result) -> str:
-    from benchmarks._timing import code_line
+    from benchmarks._timing import code_line, cpu_label
 
     m = result["machine"]
     lines = [
         f"# Pairwise registration ({'quick' if result['settings']['quick'] else 'full'})",
         "",
-        f"- machine: {m.get('cpu_model') or m['processor']} ({m['machine']}), {m['cores_available']} cores available "
+        f"- machine: {cpu_label(m)} ({m['machine']}), {m['cores_available']} cores available "
         f"(os.cpu_count() = {m['cpu_count']}), {m.get('mem_total_gib', '?')} GiB RAM; {result['started']}",
         f"- software: jax {m['jax']} (jaxlib {m['jaxlib']}, {', '.join(m['jax_devices'])}), antspyx {m['antspyx']}, "
         f"fireants {m['fireants']}, syntx {m.get('syntx')}, torch {m['torch']}, python {m['python']}",
