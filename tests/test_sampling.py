@@ -181,11 +181,15 @@ def test_vmap_over_images_and_coords_equals_loop(order):
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("order", [1, 3])
 @pytest.mark.parametrize("mode", ["constant", "mirror"])
-def test_gradient_wrt_coords_matches_finite_differences(ndim, order, mode):
-    image = _image(ndim)
+@pytest.mark.parametrize("channels", [None, 3])
+def test_gradient_wrt_coords_matches_finite_differences(ndim, order, mode, channels):
+    # With channels: a vector field read at displaced points (composition), whose
+    # coordinate gradient is written differently in 2-D and 3-D (sampling._directional).
+    image = _image(ndim, channels=channels)
+    weights = np.arange(1.0, (channels or 1) + 1) if channels else 1.0
     # Points off the integer lattice: linear interpolation has kinks at integers.
     points = np.floor(_all_points(ndim, n=20)) + np.random.default_rng(3).uniform(0.2, 0.8, (20, ndim))
-    assert_grad_matches_fd(lambda c: jnp.sum(jnp.sin(sample(image, c, order=order, mode=mode, cval=0.3))), points, eps=1e-4)
+    assert_grad_matches_fd(lambda c: jnp.sum(weights * jnp.sin(sample(image, c, order=order, mode=mode, cval=0.3))), points, eps=1e-4)
 
 
 @pytest.mark.parametrize("order", [1, 3])
