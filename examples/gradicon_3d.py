@@ -181,12 +181,16 @@ def main(argv=None) -> int:
         result["oasis"] = f"skipped: no OASIS data under {OASIS}"
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     write_metrics(args.out, result)
-    print(f"synthetic Dice {result['synthetic']['dice_before']:.3f} -> {result['synthetic']['dice_after']:.3f}, "
+    print_summary(result)
+    return 0
+
+
+def print_summary(result: dict, prefix: str = "") -> None:
+    print(f"{prefix}synthetic Dice {result['synthetic']['dice_before']:.3f} -> {result['synthetic']['dice_after']:.3f}, "
           f"folds {result['synthetic']['folded_fraction']:.4f}; {result['steps_per_second']:.2f} steps/s")
     if isinstance(result["oasis"], dict):
         for name, r in result["oasis"].items():
             print(f"OASIS {name}: Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f}, folds {r['folded_percent_on_network_grid']:.3f} %")
-    return 0
 
 
 if __name__ == "__main__":

@@ -283,12 +283,7 @@ def main(argv=None) -> int:
         result["oasis"] = "skipped: --no-oasis" if args.no_oasis else f"skipped: no OASIS data under {example.OASIS}"
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     write(result)
-    print(f"icon 3-D: {parameters} parameters (jaxreg {ours}); {result['steps_per_second']:.2f} steps/s; "
-          f"synthetic Dice {result['synthetic']['dice_before']:.3f} -> {result['synthetic']['dice_after']:.3f}, "
-          f"folds {result['synthetic']['folded_fraction']:.4f}")
-    if isinstance(result["oasis"], dict):
-        for name, r in result["oasis"].items():
-            print(f"OASIS {name}: Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f}, folds {r['folded_percent_on_network_grid']:.3f} %")
+    example.print_summary(result, prefix=f"icon 3-D ({parameters} parameters, jaxreg's {ours}): ")
     return 0
 
 
