@@ -136,8 +136,8 @@ def icon_displacement(torch, net, moving, fixed) -> np.ndarray:
     """icon's map φ_AB for ``(moving, fixed)`` batches ``(B, *shape)`` as displacements in
     voxels of the fixed grid, channels last ``(B, *shape, 3)``."""
     with torch.no_grad():
-        a = torch.from_numpy(np.ascontiguousarray(moving, np.float32))[:, None]
-        b = torch.from_numpy(np.ascontiguousarray(fixed, np.float32))[:, None]
+        a = torch.from_numpy(np.array(moving, np.float32))[:, None]  # a copy: jax arrays are read-only
+        b = torch.from_numpy(np.array(fixed, np.float32))[:, None]
         phi = net.regis_net(a, b)
         points = phi(net.identity_map).numpy()  # (B, 3, *shape) in [0, 1] per axis
     shape = points.shape[2:]
