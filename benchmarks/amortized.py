@@ -399,8 +399,8 @@ def how_compared(result: dict) -> str:
     """How the speed-up was measured (this file's Markdown and the docs' results page)."""
     comparisons = result.get("comparisons") or [{}]
     runs = max(c.get("runs_per_config", 1) for c in comparisons)
-    has_mnist = any(c.get("network", "mnist-multistep") == "mnist-multistep" for c in comparisons)
-    has_3d = any(c.get("network", "mnist-multistep") != "mnist-multistep" for c in comparisons)
+    has_mnist = any(_network(c) == "mnist-multistep" for c in comparisons)
+    has_3d = any(_network(c) != "mnist-multistep" for c in comparisons)
     one_after = ("The 3-D network's runs went one after the other (its example does not take turns), each alone on "
                  "the machine. " if has_3d else "")
     turns = ("MNIST: all configurations of a loss ran side by side, taking turns on the machine every 50 training steps (only "
@@ -414,10 +414,13 @@ def how_compared(result: dict) -> str:
                     "each round." if runs > 1 else "Each side's fastest row is compared.")
 
 
+def _network(comparison: dict) -> str:
+    return comparison.get("network", "mnist-multistep")  # files written before the 3-D peer name none
+
+
 def comparison_label(comparison: dict) -> str:
-    """The loss, and the network where it is not the MNIST one (older files name none)."""
-    network = comparison.get("network", "mnist-multistep")
-    return comparison["loss"] if network == "mnist-multistep" else f"{comparison['loss']}, 3-D U-Net"
+    """The loss, and the network where it is not the MNIST one."""
+    return comparison["loss"] if _network(comparison) == "mnist-multistep" else f"{comparison['loss']}, 3-D U-Net"
 
 
 def per_turn(comparison: dict) -> str:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import resource
 import sys
@@ -108,7 +107,7 @@ def make_unet(torch, *, ndim: int, features, in_channels: int = 2):
     return UNet()
 
 
-def make_network(torch, icon, *, size: int, features, lmbda: float):
+def make_network(torch, *, size: int, features, lmbda: float):
     """GradientICON over ICON's TwoStep(Downsample(net), net) with jaxreg's U-Nets."""
     from icon_registration import losses, network_wrappers
 
@@ -147,39 +146,31 @@ def icon_displacement(torch, net, moving, fixed) -> np.ndarray:
 
 
 def oasis_register(torch, net, input_shape):
-    """``register(fixed, moving) -> Prediction`` with the icon network, preparing and lifting
-    as :func:`jaxreg.nn.inference.register_images` does."""
-    import jax
+    """``register(fixed, moving) -> Prediction`` with the icon network, prepared and lifted
+    by the same functions as :func:`jaxreg.nn.inference.register_images`."""
     import jax.numpy as jnp
 
-    from jaxreg.grid import Image
-    from jaxreg.nn.inference import Prediction, network_grid
-    from jaxreg.registration import normalize_intensity
-    from jaxreg.transforms import Affine, Displacement, compose, warp
+    from jaxreg.nn.inference import _lift, _network_inputs
+    from jaxreg.transforms import Displacement
 
     def register(fixed, moving):
-        grid = network_grid(fixed.grid, input_shape)
-        identity = Affine.identity(3)
-        fixed_input = normalize_intensity(Image(warp(fixed, identity, grid).data, grid.affine))
-        moving_input = normalize_intensity(Image(warp(moving, identity, grid).data, grid.affine))
+        fixed, moving, grid, fixed_input, moving_input = _network_inputs(fixed, moving, input_shape, normalize=True)
         net.assign_identity_map([1, 1, *grid.shape])
-        field = icon_displacement(torch, net, np.asarray(moving_input.data)[None], np.asarray(fixed_input.data)[None])[0]
-        to_world = Affine(jnp.asarray(grid.affine, jnp.float32))
-        transform = compose(to_world, Displacement(jnp.asarray(field)), to_world.inverse())
-        warped = jax.jit(lambda image, t: warp(image, t, fixed.grid))(moving, transform)
-        return Prediction(transform, warped, grid)
+        field = icon_displacement(torch, net, np.asarray(moving_input)[None], np.asarray(fixed_input)[None])[0]
+        return _lift(Displacement(jnp.asarray(field)), grid, fixed, moving)
 
     return register
 
 
-def parameter_count_jaxreg(features) -> int | None:
+def parameter_count_jaxreg(example, features) -> int | None:
     try:
+        import jax
         from flax import nnx
 
         import jaxreg.nn as jnn
 
-        model = jnn.build({"name": "unet-two-step", "kwargs": {"ndim": 3, "features": list(features)}})
-        return int(sum(np.size(p) for p in __import__("jax").tree_util.tree_leaves(nnx.state(model, nnx.Param))))
+        model = jnn.build(example.spec(features))
+        return int(sum(np.size(p) for p in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))
     except Exception:  # noqa: BLE001  (only a cross-check)
         return None
 
@@ -202,29 +193,23 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     features = tuple(int(f) for f in args.features.split(","))
 
-    def write(record):
-        tmp = args.out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, args.out / "metrics.json")
+    import jax
+
+    sys.path.insert(0, str(EXAMPLES))
+    import gradicon_3d as example  # the jaxreg example: its sampler, scoring and metrics file
 
     try:
         import torch
 
-        import icon_registration as icon
         import icon_registration.losses  # noqa: F401
     except Exception as e:  # noqa: BLE001  (a peer that cannot run is a row that says why)
-        write({"tool": "icon_registration", "skipped": f"import failed: {type(e).__name__}: {e}"})
+        example.write_metrics(args.out, {"tool": "icon_registration", "skipped": f"import failed: {type(e).__name__}: {e}"})
         print(f"icon_registration unavailable: {e}")
         return 0
 
-    import jax
-
-    sys.path.insert(0, str(EXAMPLES))
-    import gradicon_3d as example  # the jaxreg example: its sampler and its scoring
-
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    net = make_network(torch, icon, size=args.size, features=features, lmbda=args.lmbda)
+    net = make_network(torch, size=args.size, features=features, lmbda=args.lmbda)
     parameters = sum(p.numel() for p in net.parameters())
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     sampler = jax.jit(example.synthetic_sampler(args.size, args.batch, args.amplitude))
@@ -254,7 +239,7 @@ def main(argv=None) -> int:
     fields = np.concatenate([
         icon_displacement(torch, net, eval_batch["moving"][i : i + 8], eval_batch["fixed"][i : i + 8]) for i in range(0, 32, 8)
     ])
-    ours = parameter_count_jaxreg(features)
+    ours = parameter_count_jaxreg(example, features)
     result = {
         "experiment": "gradicon-unet-3d",
         "tool": "icon_registration",
@@ -282,7 +267,7 @@ def main(argv=None) -> int:
     else:
         result["oasis"] = "skipped: --no-oasis" if args.no_oasis else f"skipped: no OASIS data under {example.OASIS}"
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    write(result)
+    example.write_metrics(args.out, result)
     example.print_summary(result, prefix=f"icon 3-D ({parameters} parameters, jaxreg's {ours}): ")
     return 0
 

@@ -43,6 +43,16 @@ def network_grid(grid: Grid, shape: Sequence[int] | None) -> Grid:
 
 def register_images(network, fixed, moving, *, input_shape: Sequence[int] | None = None, normalize: bool = True) -> Prediction:
     """Register ``moving`` to ``fixed`` (:class:`~jaxreg.grid.Image` or plain arrays) with ``network``."""
+    fixed, moving, grid, fixed_input, moving_input = _network_inputs(fixed, moving, input_shape, normalize)
+    index_transform = jax.jit(lambda m, f: network(m, f))(moving_input, fixed_input)
+    return _lift(index_transform, grid, fixed, moving)
+
+
+def _network_inputs(fixed, moving, input_shape, normalize: bool):
+    """``(fixed, moving, grid, fixed_input, moving_input)``: both images as
+    :class:`~jaxreg.grid.Image`, the grid the network sees, and the arrays it is given (both
+    images resampled onto that grid, intensities normalised if asked). Shared with
+    networks that cannot be traced by JAX (``benchmarks/peers/icon_3d.py``)."""
     fixed, moving = as_image(fixed), as_image(moving, ndim=as_image(fixed).ndim)
     if fixed.ndim != moving.ndim:
         raise ValueError(f"fixed is {fixed.ndim}-D and moving is {moving.ndim}-D")
@@ -52,7 +62,12 @@ def register_images(network, fixed, moving, *, input_shape: Sequence[int] | None
     moving_input = Image(warp(moving, identity, grid).data, grid.affine)
     if normalize:
         fixed_input, moving_input = normalize_intensity(fixed_input), normalize_intensity(moving_input)
-    index_transform = jax.jit(lambda m, f: network(m, f))(moving_input.data, fixed_input.data)
+    return fixed, moving, grid, fixed_input.data, moving_input.data
+
+
+def _lift(index_transform: Transform, grid: Grid, fixed: Image, moving: Image) -> Prediction:
+    """The network's transform in voxels of ``grid`` lifted to world space, and ``moving``
+    resampled through it onto the fixed grid."""
     to_world = Affine(jnp.asarray(grid.affine, jnp.float32))
     transform = compose(to_world, index_transform, to_world.inverse())
     warped = jax.jit(lambda image, t: warp(image, t, fixed.grid))(moving, transform)
