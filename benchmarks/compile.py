@@ -75,15 +75,18 @@ def _worker(case: str, data: str, factor: int, out: str) -> int:
     moving = Image(jnp.asarray(pair.moving), jnp.asarray(pair.moving_affine))
     block((fixed, moving))
 
-    levels: list[tuple[float, float]] = []
+    levels: list[tuple[float, float, bool | None]] = []
     original = getattr(registration, "_run_level", None)
     if original is not None:
+        threshold = getattr(registration, "_FAST_COMPILE_VOXELS", None)
 
-        def timed_level(fn, args, clock):
+        def timed_level(fn, args, clock, **options):
             before = (clock.compile_seconds, clock.run_seconds) if clock is not None else None
-            result = original(fn, args, clock)
+            result = original(fn, args, clock, **options)
             if before is not None and not clock.traced:
-                levels.append((clock.compile_seconds - before[0], clock.run_seconds - before[1]))
+                voxels = options.get("voxels")
+                fast = None if threshold is None or voxels is None else voxels < threshold
+                levels.append((clock.compile_seconds - before[0], clock.run_seconds - before[1], fast))
             return result
 
         registration._run_level = timed_level
@@ -97,7 +100,7 @@ def _worker(case: str, data: str, factor: int, out: str) -> int:
         stages = list(result.stages)
         per_level = None
         if len(levels) == len(stages):
-            per_level = [dict(stage=s, compile_s=c, run_s=r) for s, (c, r) in zip(stages, levels)]
+            per_level = [dict(stage=s, compile_s=c, run_s=r, fast_compile=fast) for s, (c, r, fast) in zip(stages, levels)]
         calls.append(dict(call=call + 1, wall_s=wall, compile_s=result.compile_seconds, run_s=result.run_seconds,
                           stages=stages, levels=per_level))
     record = dict(case=case, direction=pair.direction, shape=list(pair.fixed.shape), factor=factor,
@@ -225,7 +228,10 @@ def render(result: dict) -> str:
         "- protocol: see `benchmarks/compile.py`. **compile s**: `lower(...).compile()`, tracing included; "
         "**run s**: the compiled program running (register: once; kernels: median of N calls); "
         "**runs to amortise** = compile / run. register: a fresh process per case, persistent compilation cache "
-        "off, `register()` called twice (call 2 shows what the in-process caches save: JAX's, and the level programs jaxreg keeps, `jaxreg/_programs.py`).",
+        "off, `register()` called twice (call 2 shows what the in-process caches save: JAX's, and the level programs jaxreg keeps, `jaxreg/_programs.py`). "
+        "**compiled for**: a level smaller than `jaxreg.registration._FAST_COMPILE_VOXELS` is compiled for a fast compile "
+        "(XLA CPU's older emitters, `jaxreg._programs.FAST_COMPILE_OPTIONS`), a larger one for a fast run. "
+        "**eager rest**: wall - compile - run: the pyramid, the inverse, the final warp (each a program compiled the same way) and Python.",
         "",
     ]
     if result.get("register") is not None:
@@ -239,18 +245,20 @@ def render(result: dict) -> str:
             shape = "×".join(map(str, rec["shape"]))
             lines += [f"{CASE_TEXT.get(rec['case'], rec['case'])}; grid {shape} (downsampled by {rec['factor']})"
                       if rec["factor"] > 1 else f"{CASE_TEXT.get(rec['case'], rec['case'])}; grid {shape}", ""]
-            headers = ["call", "level", "compile s", "run s", "runs to amortise"]
+            headers = ["call", "level", "compiled for", "compile s", "run s", "runs to amortise"]
             rows = []
             for call in rec["calls"]:
                 for level in call.get("levels") or []:
                     ratio = level["compile_s"] / level["run_s"] if level["run_s"] else None
-                    rows.append([call["call"], level["stage"], _f(level["compile_s"], ".2f"), _f(level["run_s"], ".3f"), _f(ratio, ".1f")])
+                    fast = level.get("fast_compile")
+                    aim = "" if fast is None else ("compile" if fast else "run")
+                    rows.append([call["call"], level["stage"], aim, _f(level["compile_s"], ".2f"), _f(level["run_s"], ".3f"), _f(ratio, ".1f")])
                 eager = None
                 if call["compile_s"] is not None and call["run_s"] is not None:
                     eager = call["wall_s"] - call["compile_s"] - call["run_s"]
                 ratio = call["compile_s"] / call["run_s"] if call.get("run_s") else None
                 rows.append([call["call"], f"**all** ({len(call['stages'])} levels; wall {call['wall_s']:.2f} s, "
-                             f"eager rest {_f(eager, '.2f')} s)", _f(call["compile_s"], ".2f"), _f(call["run_s"], ".3f"), _f(ratio, ".1f")])
+                             f"eager rest {_f(eager, '.2f')} s)", "", _f(call["compile_s"], ".2f"), _f(call["run_s"], ".3f"), _f(ratio, ".1f")])
             lines += [markdown_table(headers, rows), ""]
     if result.get("kernels") is not None:
         lines += ["## Kernels", "", f"N = {result['settings']['kernel_n']} timed calls per program.", ""]

@@ -28,6 +28,7 @@ Everything is a pure function of arrays, so ``jax.vmap`` of a stage, or of
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -244,16 +245,24 @@ class _Clock:
         return dict(stages=tuple(self.stages), compile_seconds=timings[0], run_seconds=timings[1])
 
 
-def _run_level(fn: Callable, args: tuple, clock: _Clock | None):
+# Levels with fewer voxels than this are compiled for a fast compile rather than a fast
+# run (jaxreg._programs.FAST_COMPILE_OPTIONS): their steps take milliseconds, and compiling
+# them took 15 to 150 times as long as running them (benchmarks/results/compile.md).
+_FAST_COMPILE_VOXELS = 2**16
+
+
+def _run_level(fn: Callable, args: tuple, clock: _Clock | None, *, voxels: int | None = None):
     """``jax.jit(fn)(*args)``, compiled ahead of time when ``args`` are concrete so that
     compiling and running are timed apart, and kept for the next call of an equal level
-    (:mod:`jaxreg._programs`)."""
+    (:mod:`jaxreg._programs`). ``voxels``: the level's size, which decides how it is
+    compiled."""
     if clock is None or _programs.traced(args):
         if clock is not None:
             clock.traced = True
         return jax.jit(fn)(*args)
     start = time.perf_counter()
-    compiled, _ = _programs.compiled(fn, args)
+    fast_compile = voxels is not None and voxels < _FAST_COMPILE_VOXELS
+    compiled, _ = _programs.compiled(fn, args, fast_compile=fast_compile)
     compiled_at = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     clock.compile_seconds += compiled_at - start
@@ -267,9 +276,22 @@ def _check_shrink(shrink: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(f) for f in shrink)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _shrunk(image: Image, factor: int) -> Image:
+def _program(fn: Callable, args: tuple, *, voxels: int):
+    """``jax.jit(fn)(*args)`` for the eager work around the levels (pyramids, the inverse,
+    the final warp): kept like a level's program, and compiled for a fast compile where
+    small (:data:`_FAST_COMPILE_VOXELS`); inline under an outer transformation."""
+    if _programs.traced(args):
+        return fn(*args)
+    executable, _ = _programs.compiled(fn, args, fast_compile=voxels < _FAST_COMPILE_VOXELS)
+    return executable(*args)
+
+
+def _pyramid_level(image: Image, factor: int) -> Image:
     return pyramid(image, 2, factor=factor)[0]
+
+
+def _shrunk(image: Image, factor: int) -> Image:
+    return _program(functools.partial(_pyramid_level, factor=factor), (image,), voxels=image.data.size)
 
 
 def _downsampled(image: Image | None, factor: int, levels: dict | None = None) -> Image | None:
@@ -344,14 +366,15 @@ def normalize_intensity(image: Image, *, low: float = 0.5, high: float = 99.5) -
     LNCC, NCC and MI regularise with absolute constants (``eps``, histogram ranges); on a
     scanner's raw scale (thousands) LNCC otherwise fits background noise.
     """
-    data = jnp.asarray(image.data, jnp.float32)
+    data = image.data
     stride = max(1, data.size // _PERCENTILE_SAMPLE)
     if isinstance(data, jax.core.Tracer):
-        bounds = jnp.percentile(data.reshape(-1)[::stride], jnp.asarray([low, high]))
+        bounds = jnp.percentile(jnp.asarray(data, jnp.float32).reshape(-1)[::stride], jnp.asarray([low, high]))
     else:
         # On the host, numpy's selection finds them without sorting: 0.3 s -> 0.02 s for
         # a 160x192x224 volume.
-        bounds = jnp.asarray(np.percentile(np.asarray(data).reshape(-1)[::stride], [low, high]), jnp.float32)
+        sample = np.asarray(data).reshape(-1)[::stride].astype(np.float32)
+        bounds = np.percentile(sample, [low, high]).astype(np.float32)
     return Image(_rescaled(data, bounds), image.affine)
 
 
@@ -363,6 +386,7 @@ _PERCENTILE_SAMPLE = 2**20
 
 @jax.jit
 def _rescaled(data, bounds):
+    data = data.astype(jnp.float32)  # here, not eagerly: one program fewer to compile
     lo, hi = bounds[0], bounds[1]
     span = jnp.where(hi > lo, hi - lo, 1.0)
     return jnp.clip((data - lo) / span, 0.0, 1.0)
@@ -370,6 +394,30 @@ def _rescaled(data, bounds):
 
 def _centre(grid: Grid):
     return grid.index_to_world(jnp.asarray([(n - 1) / 2.0 for n in grid.shape], jnp.float32))
+
+
+# The few small array operations around the level programs are compiled as one program
+# each, rather than dispatched eagerly: every eager operation is a program of its own, and
+# their compiling (about 50 of them, 30 ms each) was a quarter of a first 2-D register.
+
+
+@jax.jit
+def _affine_frame(grid: Grid):
+    """The fixed image's centre and the largest extent of its field of view (world)."""
+    return _centre(grid), jnp.max(grid.spacing * jnp.asarray(grid.shape, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames="kind")
+def _affine_from_params(params, base: Affine, frame, *, kind: str) -> Affine:
+    """``base`` followed by the stage's parameters, whose translations are in units of the
+    field of view and whose linear part acts about the centre (:func:`register_affine`)."""
+    centre, extent = frame
+    ndim = base.ndim
+    scaled = params.at[-ndim:].multiply(extent)
+    return compose(base, Affine.from_params(scaled, kind=kind, ndim=ndim, center=centre))
+
+
+_inverse_compiled = jax.jit(lambda transform: transform.inverse())
 
 
 def _similarity(value, default: Callable) -> Callable:
@@ -441,7 +489,8 @@ def _pyramid_stage(
             level_apply = None if apply is None else apply(fixed_level.grid)
             return minimize(level_energy, params, optimizer, steps=n, tolerance=tolerance, apply=level_apply)
 
-        params, history = _run_level(run, (params, fixed_level, moving_level, mask_level, context), clock)
+        args = (params, fixed_level, moving_level, mask_level, context)
+        params, history = _run_level(run, args, clock, voxels=math.prod(fixed_level.shape))
         histories.append(history)
         if clock is not None:
             clock.stages.append(f"{name}@{factor}")
@@ -450,7 +499,6 @@ def _pyramid_stage(
     return params, tuple(histories), previous_grid
 
 
-@jax.jit
 def _field_at(field, old_grid: Grid, new_grid: Grid):
     return Displacement(field, old_grid.affine).displacement_at(new_grid.points())
 
@@ -469,8 +517,8 @@ def _exp(v, affine, steps: int, exact_gradient: bool) -> Displacement:
 
 def _dense_initial(previous, previous_grid: Grid | None, grid: Grid):
     if previous is None:
-        return jnp.zeros(grid.shape + (grid.ndim,), jnp.float32)
-    return _field_at(previous, previous_grid, grid)
+        return np.zeros(grid.shape + (grid.ndim,), np.float32)
+    return _program(_field_at, (previous, previous_grid, grid), voxels=math.prod(grid.shape))
 
 
 # ---------------------------------------------------------------------------- stages
@@ -507,14 +555,12 @@ def register_affine(
     optimizer = optax.adam(learning_rate) if optimizer is None else optimizer
     ndim = fixed.ndim
     count = affine_param_count(kind, ndim)
-    centre = _centre(fixed.grid)
-    extent = jnp.max(jnp.asarray(fixed.grid.spacing) * jnp.asarray(fixed.grid.shape, jnp.float32))
+    frame = _affine_frame(fixed.grid)
     base = Affine.identity(ndim) if initial is None else initial
     context = _Context(base, _check_landmarks(landmarks, ndim))
 
     def to_affine(params, base):
-        scaled = params.at[-ndim:].multiply(extent)
-        return compose(base, Affine.from_params(scaled, kind=kind, ndim=ndim, center=centre))
+        return _affine_from_params(params, base, frame, kind=kind)
 
     def energy(params, fixed_level, moving_level, mask, context):
         transform = to_affine(params, context.initial)
@@ -526,7 +572,7 @@ def register_affine(
         moving,
         name=kind,
         context=context,
-        initial_params=lambda p, g0, g: jnp.zeros(count, jnp.float32) if p is None else p,
+        initial_params=lambda p, g0, g: np.zeros(count, np.float32) if p is None else p,
         energy=energy,
         optimizer=optimizer,
         **_level_options(shrink, steps, fixed_mask, tolerance, _clock, progress),
@@ -760,7 +806,7 @@ def register_bspline(
         moving,
         name="bspline",
         context=_Context(initial, _check_landmarks(landmarks, fixed.ndim)),
-        initial_params=lambda p, g0, g: jnp.zeros(control.shape + (fixed.ndim,), jnp.float32) if p is None else p,
+        initial_params=lambda p, g0, g: np.zeros(control.shape + (fixed.ndim,), np.float32) if p is None else p,
         energy=energy,
         optimizer=optimizer,
         **_level_options(shrink, steps, fixed_mask, tolerance, _clock, progress),
@@ -818,8 +864,8 @@ _UNSET = object()
 
 # One program for the final full-resolution warp: op by op, composing the transform and
 # sampling 160x192x224 voxels took 2.0 s, most of it dispatch and unfused passes.
-_warp_compiled = jax.jit(warp)
-_invert_compiled = jax.jit(invert, static_argnames="iterations")
+def _invert_on(transform: Transform, grid: Grid) -> Displacement:
+    return invert(transform, grid=grid)
 
 
 _MIN_COARSE_VOXELS = 16
@@ -939,7 +985,7 @@ def register(
     inverse: Transform | None = transform
     if affine is not None:
         transform, affine_losses = register_affine(fixed, moving, kind=affine, **common, **linear_options)
-        inverse = transform.inverse()
+        inverse = _inverse_compiled(transform)
         losses += affine_losses
     if deformable is not None:
         stage = DEFORMABLE_STAGES[deformable]
@@ -947,9 +993,10 @@ def register(
         if isinstance(dense, Velocity):
             dense_inverse = dense.inverse()
         else:
-            dense_inverse = _invert_compiled(dense, grid=dense.grid if isinstance(dense, Displacement) else fixed.grid)
+            grid = dense.grid if isinstance(dense, Displacement) else fixed.grid
+            dense_inverse = _program(_invert_on, (dense, grid), voxels=math.prod(grid.shape))
         inverse = compose(dense_inverse, inverse)
         transform = compose(transform, dense)
         losses += dense_losses
-    warped = _warp_compiled(original_moving, transform, fixed.grid)
+    warped = _program(warp, (original_moving, transform, fixed.grid), voxels=math.prod(fixed.shape))
     return Result(transform, inverse, warped, losses, **clock.result_fields())
