@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import jaxreg.nn as jnn
+import jaxreg
 from jaxreg import datasets, synthetic
 from jaxreg.grid import Grid, Image
 from jaxreg.nn import inference, training
@@ -562,3 +563,19 @@ def test_mnist_example_learns_on_a_small_fake_archive(tmp_path):
     # The checkpoint it writes rebuilds the trained network.
     model = training.restore_model(out / "model.ckpt", jnn.build(example.SPEC))
     assert float(jnp.abs(model(jnp.asarray(x_test[0] / 255.0, jnp.float32), jnp.asarray(x_test[1] / 255.0, jnp.float32)).field).max()) > 0.01
+
+
+def test_import_jaxreg_leaves_flax_until_nn_is_used():
+    # A fresh interpreter: this one imported flax above.
+    code = textwrap.dedent("""
+        import sys
+        import jaxreg
+        before = "flax" in sys.modules
+        unet = jaxreg.nn.UNet
+        from jaxreg import nn
+        print(before, "flax" in sys.modules, nn is jaxreg.nn, unet is nn.modules.UNet, "nn" in dir(jaxreg))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.split() == ["False", "True", "True", "True", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        jaxreg.nothing_here  # noqa: B018
