@@ -251,18 +251,22 @@ class _Clock:
 _FAST_COMPILE_VOXELS = 2**16
 
 
-def _run_level(fn: Callable, args: tuple, clock: _Clock | None, *, voxels: int | None = None):
+def _compiles_fast(voxels: int) -> bool:
+    """Whether a program over ``voxels`` voxels is compiled for a fast compile."""
+    return voxels < _FAST_COMPILE_VOXELS
+
+
+def _run_level(fn: Callable, args: tuple, clock: _Clock | None, *, voxels: int):
     """``jax.jit(fn)(*args)``, compiled ahead of time when ``args`` are concrete so that
     compiling and running are timed apart, and kept for the next call of an equal level
     (:mod:`jaxreg._programs`). ``voxels``: the level's size, which decides how it is
-    compiled."""
+    compiled (:func:`_compiles_fast`)."""
     if clock is None or _programs.traced(args):
         if clock is not None:
             clock.traced = True
         return jax.jit(fn)(*args)
     start = time.perf_counter()
-    fast_compile = voxels is not None and voxels < _FAST_COMPILE_VOXELS
-    compiled, _ = _programs.compiled(fn, args, fast_compile=fast_compile)
+    compiled, _ = _programs.compiled(fn, args, fast_compile=_compiles_fast(voxels))
     compiled_at = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     clock.compile_seconds += compiled_at - start
@@ -279,10 +283,10 @@ def _check_shrink(shrink: Sequence[int]) -> tuple[int, ...]:
 def _program(fn: Callable, args: tuple, *, voxels: int):
     """``jax.jit(fn)(*args)`` for the eager work around the levels (pyramids, the inverse,
     the final warp): kept like a level's program, and compiled for a fast compile where
-    small (:data:`_FAST_COMPILE_VOXELS`); inline under an outer transformation."""
+    small (:func:`_compiles_fast`); inline under an outer transformation."""
     if _programs.traced(args):
         return fn(*args)
-    executable, _ = _programs.compiled(fn, args, fast_compile=voxels < _FAST_COMPILE_VOXELS)
+    executable, _ = _programs.compiled(fn, args, fast_compile=_compiles_fast(voxels))
     return executable(*args)
 
 
@@ -862,8 +866,6 @@ PRESETS: dict[str, dict] = {
 
 _UNSET = object()
 
-# One program for the final full-resolution warp: op by op, composing the transform and
-# sampling 160x192x224 voxels took 2.0 s, most of it dispatch and unfused passes.
 def _invert_on(transform: Transform, grid: Grid) -> Displacement:
     return invert(transform, grid=grid)
 
@@ -998,5 +1000,7 @@ def register(
         inverse = compose(dense_inverse, inverse)
         transform = compose(transform, dense)
         losses += dense_losses
+    # One program for the final full-resolution warp: op by op, composing the transform and
+    # sampling 160x192x224 voxels took 2.0 s, most of it dispatch and unfused passes.
     warped = _program(warp, (original_moving, transform, fixed.grid), voxels=math.prod(fixed.shape))
     return Result(transform, inverse, warped, losses, **clock.result_fields())
