@@ -20,8 +20,9 @@ time, so wall time and peak memory are its own and a crashing peer costs one row
   (default ``brain-mri``; ``ct`` for headct), persistent compilation cache off: wall time
   includes tracing and XLA compilation (``Result.compile_seconds``).
 - ``jaxreg-cached``: the same with JAX's persistent compilation cache in a fresh temporary
-  folder, run twice in two fresh processes; the second run is reported (the first, which
-  fills the cache, is in the JSON as ``cache_fill``).
+  folder (and so jaxreg's kept traces beside it, ``jaxreg._traces``), run twice in two
+  fresh processes; the second run is reported (the first, which fills the cache, is in the
+  JSON as ``cache_fill``).
 - ``ants-syn``: ``ants.registration(fixed, moving, type_of_transform="SyN")``,
   ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` = cores, ``ANTS_RANDOM_SEED=1``.
 - ``ants-affine``: the same with ``type_of_transform="Affine"`` (reference only).
@@ -817,7 +818,8 @@ def render(result) -> str:
         "image; `syntx.syn()`, which also writes its transform files and warps both images), not the imports or data loading. **compile s** / **run s**: jaxreg's `Result.compile_seconds` "
         "(lower + compile of every pyramid level) and `Result.run_seconds` (the compiled levels running); the rest of "
         "wall is eager work (pyramids, the inverse, the final warp). **jaxreg-cached**: JAX persistent compilation cache "
-        "in a fresh folder, filled by one process, then a second fresh process is timed (reported). "
+        "in a fresh folder (with jaxreg's traced programs kept beside it), filled by one process, then a second "
+        "fresh process is timed (reported). "
         "**peak MiB**: peak resident memory (`VmHWM`) of the method's process right after registration (imports "
         "and data included), with the growth during the registration call in brackets (a peak reached while "
         "importing hides a smaller one later: +0).",

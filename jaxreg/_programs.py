@@ -22,6 +22,8 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jaxreg import _traces
+
 # Objects compared by identity: they live as long as their module, and the cache entry
 # holds a reference besides, so an id is never reused for another object while cached.
 _BY_IDENTITY = (types.BuiltinFunctionType, types.ModuleType, type)
@@ -66,7 +68,8 @@ def fingerprint(obj, *, _seen=None, _depth=0, _keep=None):
         return ("function", obj.__code__, cells, inner(obj.__defaults__), inner(obj.__kwdefaults__))
     if isinstance(obj, _BY_IDENTITY) or _is_jax_callable(obj):
         keep.append(obj)
-        return ("identity", id(obj))
+        # The name, where there is one, lets the key name the program in another process.
+        return ("identity", id(obj), _traces.stable_name(obj))
     if isinstance(obj, (np.ndarray, jax.Array)):
         # A small concrete array in a closure is a constant of the program (an affine, a
         # grid's centre): the same values make the same program.
@@ -103,6 +106,18 @@ def _config():
     return (jax.config.jax_enable_x64, str(jax.config.jax_default_matmul_precision), jax.default_backend())
 
 
+def program_key(fn: Callable, args: tuple, *, keep: list | None = None):
+    """What decides the program ``jax.jit(fn)`` traces for ``args``: ``fn``'s fingerprint,
+    the arguments' shapes and dtypes, and JAX's settings; None where ``fn`` has no
+    fingerprint. Objects it holds by identity are appended to ``keep``."""
+    try:
+        key = (fingerprint(fn, _keep=keep), _argument_key(args), _config())
+        hash(key)
+    except (Unkeyable, TypeError):
+        return None
+    return key
+
+
 _programs: collections.OrderedDict = collections.OrderedDict()
 
 # XLA CPU's older elemental emitters instead of its MLIR fusion emitters: for programs
@@ -123,17 +138,16 @@ def compiled(fn: Callable, args: tuple, *, fast_compile: bool = False):
     """``jax.jit(fn).lower(*args).compile()``, or the executable made for an equal function
     and arguments of the same shapes earlier in this process. Returns ``(executable,
     hit)``. With ``fast_compile``, XLA CPU compiles with :data:`FAST_COMPILE_OPTIONS`
-    where it knows them."""
-    try:
-        keep: list = []
-        key = (fingerprint(fn, _keep=keep), _argument_key(args), _config(), fast_compile)
-        hash(key)
-    except (Unkeyable, TypeError):
-        key = None
+    where it knows them. Where JAX's persistent cache is on, the trace is kept across
+    processes too (:mod:`jaxreg._traces`)."""
+    keep: list = []
+    program = program_key(fn, args, keep=keep)
+    key = None if program is None else program + (fast_compile,)
     if key is not None and key in _programs:
         _programs.move_to_end(key)
         return _programs[key][0], True
-    lowered = jax.jit(fn).lower(*args)
+    # The trace does not depend on how it is compiled: one kept trace serves both.
+    lowered = _traces.lowered(fn, args, program)
     executable = None
     if fast_compile and jax.default_backend() == "cpu":
         try:

@@ -147,6 +147,7 @@ def test_register_writes_every_output_with_sane_metrics(pair, registered):
     picture = mpimg.imread(out / "report.png")
     assert picture.shape[0] > 200 and picture.shape[1] > 1000 and picture[..., :3].std() > 0.05
     assert any(cache.rglob("*")), "the persistent compilation cache stayed empty"
+    assert any((cache / "jaxreg-traces").glob("*.pkl")), "no traced program was kept beside it"
     assert "affine" in done.stderr and "svf" in done.stderr and "level 1/1" in done.stderr  # progress per level
     assert "registered in" in done.stdout
 
