@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib
-import marshal
 import os
 import pickle
 import sys
@@ -169,7 +168,8 @@ def _feed(digest, part) -> None:
     elif isinstance(part, types.CodeType):
         if not os.path.abspath(part.co_filename).startswith(_trusted_roots()):
             raise _Unstable(f"code from {part.co_filename}")
-        digest.update(b"C" + marshal.dumps(part))
+        digest.update(b"C")
+        _feed_code(digest, part)
     elif isinstance(part, type):
         digest.update(b"T" + _name_of(part).encode())
     elif isinstance(part, jax.tree_util.PyTreeDef):
@@ -180,6 +180,33 @@ def _feed(digest, part) -> None:
         digest.update(b"V" + repr(part).encode() + b";")
     else:
         raise _Unstable(f"a {type(part).__name__} in the key")
+
+
+def _feed_code(digest, code: types.CodeType) -> None:
+    # Not marshal.dumps: its bytes depend on reference counts (whether an object is
+    # written once and referred back to), which differ from one process to the next.
+    fields = (
+        code.co_filename, getattr(code, "co_qualname", code.co_name), code.co_firstlineno, code.co_argcount, code.co_posonlyargcount,
+        code.co_kwonlyargcount, code.co_flags, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
+    )
+    digest.update(repr(fields).encode() + b"B%d:" % len(code.co_code) + code.co_code)
+    for const in code.co_consts:
+        _feed_constant(digest, const)
+
+
+def _feed_constant(digest, const) -> None:
+    if isinstance(const, types.CodeType):
+        digest.update(b"C")
+        _feed_code(digest, const)
+    elif isinstance(const, (tuple, frozenset)):
+        # A frozenset's order follows string hashes, which differ between processes.
+        items = const if isinstance(const, tuple) else sorted(const, key=repr)
+        digest.update(b"(" if isinstance(const, tuple) else b"{")
+        for item in items:
+            _feed_constant(digest, item)
+        digest.update(b")")
+    else:
+        digest.update(type(const).__name__.encode() + b":" + repr(const).encode() + b";")
 
 
 def digest(key) -> str | None:

@@ -42,6 +42,43 @@ def test_a_program_has_the_same_name_in_every_process():
     assert names == {here} and len(here) == 64
 
 
+_REGISTER_IN_A_FRESH_INTERPRETER = """
+import sys
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+import jax.numpy as jnp
+import numpy as np
+from jaxreg.filters import gaussian_smooth
+from jaxreg.grid import Image
+from jaxreg.registration import register
+
+traced = []
+export = jax.export.export
+jax.export.export = lambda *a, **k: (traced.append(1), export(*a, **k))[1]
+rng = np.random.default_rng(5)
+fixed, moving = (Image(gaussian_smooth(jnp.asarray(rng.standard_normal((24, 20)), jnp.float32), 2.0) + 3.0) for _ in range(2))
+result = register(fixed, moving, shrink=(2, 1), steps=(3, 2), affine_options=dict(shrink=(2, 1), steps=(3, 2)))
+print(len(traced), float(jnp.sum(result.warped.data)))
+"""
+
+
+def test_a_second_process_traces_nothing_and_adds_no_file(tmp_path):
+    # Two fresh interpreters, as two runs of the jaxreg command: the keys must not depend on
+    # anything that differs between processes (object addresses, str hashes, or the bytes
+    # marshal writes, which follow reference counts).
+    runs = []
+    for seed in ("3", "4"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu")
+        done = subprocess.run([sys.executable, "-c", _REGISTER_IN_A_FRESH_INTERPRETER, str(tmp_path)],
+                              env=env, capture_output=True, text=True, check=True)
+        traced, total = done.stdout.split()
+        runs.append((int(traced), float(total), len(list((tmp_path / "jaxreg-traces").iterdir()))))
+    (first_traced, first_total, kept), (again_traced, again_total, kept_after) = runs
+    assert first_traced == kept == 8
+    assert again_traced == 0 and kept_after == kept
+    assert again_total == first_total
+
+
 def _user_function(a, b):
     return a * b
 
