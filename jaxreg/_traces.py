@@ -6,8 +6,9 @@ again in every process. With the cache warm, a 2-D OASIS ``register`` in a fresh
 still spent most of its compile seconds tracing and lowering. Here a program, once traced,
 is kept as a ``jax.export.Exported`` (its StableHLO and calling convention) next to JAX's
 cache; the next process lowers that instead of tracing, and JAX's cache supplies the
-executable: that ``register`` took 0.84-1.0 s instead of 1.13-1.48 s (three fresh
-processes each, in turn), with a bit-identical result.
+executable: that ``register`` took 0.59-0.85 s instead of 1.37-1.69 s (levels' compile
+seconds 0.20-0.29 against 0.92-1.17; six fresh processes each, in turn), with a
+bit-identical result.
 
 A program is kept only when its description (:func:`jaxreg._programs.fingerprint`) says
 everything about it that can change between processes: every function it closes over is
