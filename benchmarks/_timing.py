@@ -8,6 +8,7 @@ that is timed separately as the compile time, tracing included.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -96,6 +97,50 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 3) -> dict:
         "method": f"numpy.copyto of a {megabytes} MiB float32 array, best of {repeats}; "
         "GB/s = 2 * nbytes / time (read + write, write-allocate traffic not counted)",
     }
+
+
+_DISPATCH_PROBE = r"""
+import json, sys, time
+import jax
+jax.config.update("jax_cpu_enable_async_dispatch", sys.argv[1] == "async")
+import jax.numpy as jnp
+import numpy as np
+from jaxreg.sampling import sample
+
+def median_s(fn, *args, calls=400):
+    fn(*args).block_until_ready()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn(*args).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+rng = np.random.default_rng(0)
+image = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
+points = np.stack(np.meshgrid(np.arange(64), np.arange(64), indexing="ij"), -1)
+coords = jnp.asarray(points + rng.uniform(-2, 2, points.shape), jnp.float32)
+add_one = jax.jit(lambda x: x + 1).lower(jnp.float32(0)).compile()
+warp = jax.jit(lambda i, c: sample(i, c, order=1, mode="constant")).lower(image, coords).compile()
+print(json.dumps({"empty_s": median_s(add_one, jnp.float32(0)), "warp_64_s": median_s(warp, image, coords)}))
+"""
+
+
+def dispatch_floor() -> dict:
+    """What one call of a compiled JAX program costs beyond its work: the median round trip
+    of a jitted ``x + 1`` on one float32, and of jaxreg's 64x64 linear warp, with JAX's
+    asynchronous CPU dispatch (the default: the program runs on another thread, which the
+    caller wakes and waits for) and without it (``jax_cpu_enable_async_dispatch=False``:
+    it runs on the calling thread, as torch's eager calls do). Each in a fresh process,
+    since the setting is read when the CPU client starts."""
+    result = {"method": "median of 400 calls each ended by block_until_ready, one fresh process per mode"}
+    for mode in ("async", "sync"):
+        try:
+            run = subprocess.run([sys.executable, "-c", _DISPATCH_PROBE, mode], capture_output=True, text=True, timeout=300, check=True)
+            result[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, OSError, ValueError, IndexError) as err:
+            result[mode] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    return result
 
 
 def cpu_description(cpuinfo: str) -> dict:

@@ -38,6 +38,7 @@ from benchmarks._timing import (
     compile_jax,
     machine_info,
     markdown_table,
+    dispatch_floor,
     memory_bandwidth,
     time_in_rounds,
     write_atomic,
@@ -563,6 +564,7 @@ def render(result) -> str:
         f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m['torch']}, scipy {m['scipy']}, SimpleITK {m.get('SimpleITK')}; {result['started']}",
         code_line(result, total=False),
         f"- memory bandwidth: {bw['gb_per_s']:.1f} GB/s ({bw['method']})",
+        *_dispatch_lines(result.get("dispatch")),
         f"- {WARP_BYTES}",
         f"- data: {DATA}",
         "- protocol: JAX compile = `jax.jit(f).lower(...).compile()` (tracing included); torch/scipy eager. "
@@ -576,6 +578,21 @@ def render(result) -> str:
         markdown_table(headers, rows),
         "",
     ])
+
+
+def _dispatch_lines(dispatch: dict | None) -> list[str]:
+    if not dispatch or "empty_s" not in dispatch.get("async", {}) or "empty_s" not in dispatch.get("sync", {}):
+        return []
+    a, s = dispatch["async"], dispatch["sync"]
+    return [
+        f"- JAX dispatch on this host ({dispatch['method']}): a jitted `x + 1` on one float32 takes "
+        f"{a['empty_s'] * 1e3:.3f} ms with JAX's asynchronous CPU dispatch (the default, used for every row here: "
+        "the program runs on another thread, which the caller wakes and waits for) and "
+        f"{s['empty_s'] * 1e3:.3f} ms with `jax_cpu_enable_async_dispatch=False` (run on the calling thread, as "
+        f"torch's eager calls are); jaxreg's 64×64 warp fwd takes {a['warp_64_s'] * 1e3:.3f} ms and "
+        f"{s['warp_64_s'] * 1e3:.3f} ms. At the smallest sizes the JAX rows measure this round trip more than "
+        "the kernel."
+    ]
 
 
 def main(argv=None):
@@ -600,6 +617,7 @@ def main(argv=None):
         "code": code_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
         "load_average_start": os.getloadavg(),
         "memory_bandwidth": memory_bandwidth(),
+        "dispatch": dispatch_floor(),
         "settings": {"quick": args.quick, "kernels": only, "data": DATA, "warp_bytes": WARP_BYTES, "timing": "rounds",
                      "torch_threads": torch.get_num_threads() if torch is not None else None,
                      "simpleitk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None},
