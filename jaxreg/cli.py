@@ -486,7 +486,7 @@ def _register_pipeline(
     import jax
 
     import jaxreg
-    from jaxreg import itk
+    from jaxreg import _programs, itk
     from jaxreg import metrics as jmetrics
     from jaxreg.losses import SIMILARITIES
     from jaxreg.transforms import Affine, jacobian_determinant, warp
@@ -549,13 +549,15 @@ def _register_pipeline(
     loss = SIMILARITIES[name]()
     weights = None if mask_image is None else np.asarray(mask_image.data, np.float32)
 
-    @jax.jit  # one program: op-by-op dispatch would compile every operation apart
+    # One program (op-by-op dispatch would compile every operation apart), kept like a
+    # level's: within a process and, with the cache on, its trace across runs.
     def diagnostics(transform, moving_image, fixed_data, warped_data, weights):
         before = warp(moving_image, Affine.identity(grid.ndim), grid).data
         det = jacobian_determinant(transform, grid)
         return det, loss(before, fixed_data, weights), loss(warped_data, fixed_data, weights)
 
-    determinant, before, after = diagnostics(result.transform, moving.image, fixed.image.data, warped, weights)
+    measured = (result.transform, moving.image, fixed.image.data, warped, weights)
+    determinant, before, after = _programs.compiled(diagnostics, measured)[0](*measured)
     determinant = np.asarray(determinant)
     similarity = {"name": name, "before": float(before), "after": float(after)}
     losses = [np.asarray(level, dtype=np.float64) for level in result.losses]

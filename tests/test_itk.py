@@ -351,6 +351,24 @@ def test_displacement_field_round_trip_on_oblique_grid(tmp_path, ndim, ext):
     assert listing(tmp_path) == [f"field{ext}"]
 
 
+def test_displacement_field_is_one_kept_program_and_refuses_tracers(tmp_path):
+    import jax
+
+    from jaxreg import _programs
+
+    grid = Grid((9, 7), oblique_affine(2, seed=2))
+    transform = Displacement(smooth_field(grid), grid.affine)
+    _programs.clear()
+    itk.write_displacement_field(transform, grid, tmp_path / "a.nii.gz")
+    itk.write_displacement_field(Displacement(2 * transform.field, grid.affine), grid, tmp_path / "b.nii.gz")
+    assert len(_programs._programs) == 1  # the second field ran the first's program
+    np.testing.assert_allclose(np.asarray(itk.read_displacement_field(tmp_path / "b.nii.gz").field),
+                               2 * np.asarray(itk.read_displacement_field(tmp_path / "a.nii.gz").field), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="concrete arrays"):
+        jax.jit(lambda f: itk.write_displacement_field(Displacement(f, grid.affine), grid, tmp_path / "c.nii.gz"))(transform.field)
+    assert listing(tmp_path) == ["a.nii.gz", "b.nii.gz"]
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_displacement_field_file_layout_is_itk_vectors_in_lps(tmp_path, ndim):
     grid = Grid.from_spacing((5, 4, 3)[:ndim], spacing=[1.5, 2.0, 2.5][:ndim], origin=[-3.0, 4.0, 1.0][:ndim])
