@@ -54,6 +54,23 @@ _FOLD_RGBA = (1.0, 0.85, 0.0, 1.0)  # folds in yellow, away from the diverging m
 # ------------------------------------------------------------------------------ helpers
 
 
+def _kept_program(fn, *args):
+    """``jax.jit(fn)(*args)``, kept like a registration's programs (:mod:`jaxreg._programs`):
+    a second picture of the same shapes, or with the cache on a second process, neither
+    traces nor compiles it again."""
+    import jax
+
+    from jaxreg import _programs
+
+    if _programs.traced(args):
+        return jax.jit(fn)(*args)
+    return _programs.compiled(fn, args)[0](*args)
+
+
+def _mapped(transform, points):
+    return transform(points)
+
+
 def _data(x) -> np.ndarray:
     return np.asarray(x.data if isinstance(x, Image) else x)
 
@@ -307,10 +324,8 @@ def deformed_grid_lines(
             pieces.append(points)
     index_points = np.concatenate(pieces)
     world = index_points @ affine[:-1, :-1].T + affine[:-1, -1]
-    import jax
-
     # One compiled call for all the points (op-by-op dispatch would compile every step).
-    mapped = np.asarray(jax.jit(lambda t, x: t(x))(transform, world.astype(np.float32)), dtype=np.float64)
+    mapped = np.asarray(_kept_program(_mapped, transform, world.astype(np.float32)), dtype=np.float64)
     if space == "index":
         inverse = np.linalg.inv(affine)
         coords = (mapped @ inverse[:-1, :-1].T + inverse[:-1, -1])[:, [p, q]]
@@ -348,11 +363,9 @@ def deformed_grid(
 
 
 def _determinant(transform, grid: Grid) -> np.ndarray:
-    import jax
-
     from jaxreg.transforms import jacobian_determinant
 
-    return np.asarray(jax.jit(jacobian_determinant)(transform, grid))
+    return np.asarray(_kept_program(jacobian_determinant, transform, grid))
 
 
 def jacobian_map(transform, grid, *, log: bool = False, view="axial", index=None, ax=None, colorbar=True, title=None, _determinant_values=None):
@@ -408,7 +421,6 @@ def report(fixed, moving, warped, transform, path=None, *, overwrite: bool = Fal
     one row; a 3-D pair one row per view (default axial, coronal, sagittal, middle slices).
     The transform is evaluated once on the fixed grid and shared by the last two columns.
     """
-    import jax
     from matplotlib.figure import Figure
 
     from jaxreg import differential
@@ -428,7 +440,7 @@ def report(fixed, moving, warped, transform, path=None, *, overwrite: bool = Fal
         mapped = t.mapped_points(grid)
         return mapped - grid.points(), differential.jacobian_determinant_of_map(mapped, grid)
 
-    displacement, det = jax.jit(evaluate)(transform)  # one program, not op-by-op dispatch
+    displacement, det = _kept_program(evaluate, transform)  # one program, not op-by-op dispatch
     det = np.asarray(det)
     # The sampled map as a transform: exact at voxel centres, linear between them.
     sampled = Displacement(np.asarray(displacement), np.asarray(grid.affine))
