@@ -143,6 +143,22 @@ def dispatch_floor() -> dict:
     return result
 
 
+def dispatch_text(dispatch: dict | None) -> str | None:
+    """One sentence on :func:`dispatch_floor`'s numbers, for the kernel pages."""
+    if not dispatch or "empty_s" not in dispatch.get("async", {}) or "empty_s" not in dispatch.get("sync", {}):
+        return None
+    a, s = dispatch["async"], dispatch["sync"]
+    return (
+        f"JAX dispatch on this host ({dispatch['method']}): a jitted `x + 1` on one float32 takes "
+        f"{a['empty_s'] * 1e3:.3f} ms with JAX's asynchronous CPU dispatch (the default, used for every row here: "
+        "the program runs on another thread, which the caller wakes and waits for) and "
+        f"{s['empty_s'] * 1e3:.3f} ms with `jax_cpu_enable_async_dispatch=False` (run on the calling thread, as "
+        f"torch's eager calls are); jaxreg's 64×64 warp fwd takes {a['warp_64_s'] * 1e3:.3f} ms and "
+        f"{s['warp_64_s'] * 1e3:.3f} ms. At the smallest sizes the JAX rows measure this round trip more than "
+        "the kernel."
+    )
+
+
 def cpu_description(cpuinfo: str) -> dict:
     """Model name, family and model number, and widest vector ISA of the first CPU in a
     ``/proc/cpuinfo`` text. The name alone ("AMD EPYC") can hide hosts whose gathers differ

@@ -39,6 +39,7 @@ from benchmarks._timing import (
     machine_info,
     markdown_table,
     dispatch_floor,
+    dispatch_text,
     memory_bandwidth,
     time_in_rounds,
     write_atomic,
@@ -564,7 +565,7 @@ def render(result) -> str:
         f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m['torch']}, scipy {m['scipy']}, SimpleITK {m.get('SimpleITK')}; {result['started']}",
         code_line(result, total=False),
         f"- memory bandwidth: {bw['gb_per_s']:.1f} GB/s ({bw['method']})",
-        *_dispatch_lines(result.get("dispatch")),
+        *[f"- {text}" for text in [dispatch_text(result.get("dispatch"))] if text],
         f"- {WARP_BYTES}",
         f"- data: {DATA}",
         "- protocol: JAX compile = `jax.jit(f).lower(...).compile()` (tracing included); torch/scipy eager. "
@@ -578,21 +579,6 @@ def render(result) -> str:
         markdown_table(headers, rows),
         "",
     ])
-
-
-def _dispatch_lines(dispatch: dict | None) -> list[str]:
-    if not dispatch or "empty_s" not in dispatch.get("async", {}) or "empty_s" not in dispatch.get("sync", {}):
-        return []
-    a, s = dispatch["async"], dispatch["sync"]
-    return [
-        f"- JAX dispatch on this host ({dispatch['method']}): a jitted `x + 1` on one float32 takes "
-        f"{a['empty_s'] * 1e3:.3f} ms with JAX's asynchronous CPU dispatch (the default, used for every row here: "
-        "the program runs on another thread, which the caller wakes and waits for) and "
-        f"{s['empty_s'] * 1e3:.3f} ms with `jax_cpu_enable_async_dispatch=False` (run on the calling thread, as "
-        f"torch's eager calls are); jaxreg's 64×64 warp fwd takes {a['warp_64_s'] * 1e3:.3f} ms and "
-        f"{s['warp_64_s'] * 1e3:.3f} ms. At the smallest sizes the JAX rows measure this round trip more than "
-        "the kernel."
-    ]
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import cpu_label, markdown_table, write_atomic  # noqa: E402
+from benchmarks._timing import cpu_label, dispatch_text, markdown_table, write_atomic  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -157,6 +157,9 @@ def kernels_section(result: dict, plots: Plots) -> list[str]:
     bandwidth = result.get("memory_bandwidth")
     if bandwidth:
         lines += [f"Memory bandwidth of the machine: {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['method']}).", ""]
+    dispatch = dispatch_text(result.get("dispatch"))
+    if dispatch:
+        lines += [dispatch, ""]
     if settings.get("timing") == "rounds":
         lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "
                   "turn, so that a slow spell of the shared machine hits all of them alike.", ""]

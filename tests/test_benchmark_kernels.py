@@ -39,3 +39,13 @@ def test_run_case_rows_give_peer_over_jaxreg_and_differences_against_jaxreg():
     assert ours["compile_s"] > 0 and "ratio" not in ours
     assert broken["note"] == "error: RuntimeError: peer broke" and "median_s" not in broken
     assert absent["note"] == "skipped: not here"
+
+
+def test_dispatch_text_states_both_modes_in_milliseconds_and_nothing_without_both():
+    from benchmarks._timing import dispatch_text
+
+    measured = {"method": "m", "async": {"empty_s": 7e-6, "warp_64_s": 8.8e-5}, "sync": {"empty_s": 6e-6, "warp_64_s": 1.3e-5}}
+    text = dispatch_text(measured)
+    assert "0.007 ms" in text and "0.006 ms" in text and "0.088 ms and 0.013 ms" in text
+    assert dispatch_text(None) is None
+    assert dispatch_text({**measured, "sync": {"error": "TimeoutExpired"}}) is None
