@@ -38,6 +38,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxreg.io import write_bytes
+
 SUBDIRECTORY = "jaxreg-traces"
 _FORMAT = 1
 _TRUSTED_PACKAGES = ("jaxreg", "jax", "jaxlib", "optax", "numpy")
@@ -72,7 +74,7 @@ def _trusted_module(name: str | None) -> bool:
     if not name:
         return False
     top = name.split(".")[0]
-    return top in _TRUSTED_PACKAGES or top in sys.stdlib_module_names or top == "builtins"
+    return top in _TRUSTED_PACKAGES or top in sys.stdlib_module_names  # builtins is one of these
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,9 +236,7 @@ def _load(path: Path, args):
         if [(tuple(a.shape), a.dtype) for a in exported.in_avals] != shapes:
             return None
         return exported
-    except FileNotFoundError:
-        return None
-    except Exception:  # a damaged or foreign file: trace again and replace it
+    except Exception:  # missing, damaged or foreign: trace again (and replace it)
         return None
 
 
@@ -263,8 +263,6 @@ def lowered(fn, args, key):
 
 
 def _store(path: Path, exported) -> None:
-    from jaxreg.io import write_bytes
-
     # The vjp closure is not data; these programs are only ever called, not differentiated.
     payload = pickle.dumps({"format": _FORMAT, "exported": dataclasses.replace(exported, _get_vjp=None)})
     try:
