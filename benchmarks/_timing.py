@@ -71,16 +71,22 @@ def time_jax(f, *args, n: int, warmup: int = 1):
     return timing, out
 
 
-def time_in_rounds(calls, n: int):
+def time_in_rounds(calls, n: int, *, rotate: bool = True):
     """Wall times of ``n`` rounds that call every one of ``calls`` once, in turn.
 
     Timing one implementation's calls after another's lets a slow spell of a shared machine
-    land on one of them only; in rounds it lands on all alike, so their ratio holds.
-    Returns one list of ``n`` times per callable; warm-up is the caller's.
+    land on one of them only; in rounds it lands on all alike, so their ratio holds. With
+    ``rotate`` each round starts one place later, so that no implementation always runs
+    right after the same other one: a peer whose worker threads keep spinning for a while
+    after it returns (OpenMP, ITK) would otherwise slow down the same neighbour every time.
+    Returns one list of ``n`` times per callable, in the order given; warm-up is the
+    caller's.
     """
     times = [[] for _ in calls]
-    for _ in range(n):
-        for call, spent in zip(calls, times):
+    for round_ in range(n):
+        start_at = round_ % len(calls) if rotate and calls else 0
+        for j in range(start_at, start_at + len(calls)):
+            call, spent = calls[j % len(calls)], times[j % len(calls)]
             start = time.perf_counter()
             block(call())
             spent.append(time.perf_counter() - start)

@@ -572,7 +572,10 @@ def render(result) -> str:
         "Every implementation of a row group gets 1 warm-up call, then N timed rounds in which each is called once, "
         "in turn (N = `n` in the JSON: at least 5, or 3 at 160×192×224, and more for fast kernels, up to "
         f"{MAX_ROUNDS} or about {ROUND_BUDGET_S:.0f} s), each call ended by `block_until_ready`, so that a slow "
-        "spell of the machine hits every implementation alike. "
+        "spell of the machine hits every implementation alike"
+        + ("; each round starts one implementation later, so that none always runs right after the same peer "
+           "(torch's OpenMP threads keep spinning for a while after a call and slow down whatever runs next). "
+           if result["settings"].get("timing") == "rotated rounds" else ". ") +
         "peer/jaxreg = peer median / jaxreg median (> 1: jaxreg faster). "
         "max rel diff = max |peer - jaxreg| / max |jaxreg| over the kernel's output (gradients for fwd+grad rows).",
         "",
@@ -604,7 +607,7 @@ def main(argv=None):
         "load_average_start": os.getloadavg(),
         "memory_bandwidth": memory_bandwidth(),
         "dispatch": dispatch_floor(),
-        "settings": {"quick": args.quick, "kernels": only, "data": DATA, "warp_bytes": WARP_BYTES, "timing": "rounds",
+        "settings": {"quick": args.quick, "kernels": only, "data": DATA, "warp_bytes": WARP_BYTES, "timing": "rotated rounds",
                      "torch_threads": torch.get_num_threads() if torch is not None else None,
                      "simpleitk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None},
         "rows": [],

@@ -160,7 +160,12 @@ def kernels_section(result: dict, plots: Plots) -> list[str]:
     dispatch = dispatch_text(result.get("dispatch"))
     if dispatch:
         lines += [dispatch, ""]
-    if settings.get("timing") == "rounds":
+    if settings.get("timing") == "rotated rounds":
+        lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "
+                  "turn, so that a slow spell of the shared machine hits all of them alike; each round starts one "
+                  "implementation later, so that none always runs right after the same peer (torch's OpenMP threads "
+                  "keep spinning for a while after a call and slow down whatever runs next).", ""]
+    elif settings.get("timing") == "rounds":
         lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "
                   "turn, so that a slow spell of the shared machine hits all of them alike.", ""]
     lines += ["Median wall time of the timed calls after a warm-up call (their number is `n` in the JSON); **× jaxreg** = peer median ÷ jaxreg "

@@ -6,12 +6,16 @@ from benchmarks import kernels
 from benchmarks._timing import time_in_rounds
 
 
-def test_time_in_rounds_calls_each_once_per_round_in_turn():
+def test_time_in_rounds_calls_each_once_per_round_in_turn_starting_one_later_each_round():
     log = []
-    times = time_in_rounds([lambda: log.append("a"), lambda: log.append("b"), lambda: log.append("c")], 4)
-    assert log == ["a", "b", "c"] * 4
+    calls = [lambda: log.append("a"), lambda: log.append("b"), lambda: log.append("c")]
+    times = time_in_rounds(calls, 4)
+    assert log == list("abc" "bca" "cab" "abc")  # nobody always follows the same neighbour
     assert [len(t) for t in times] == [4, 4, 4]
     assert all(s >= 0.0 for t in times for s in t)
+    log.clear()
+    time_in_rounds(calls, 2, rotate=False)
+    assert log == list("abcabc")
 
 
 def test_run_case_rows_give_peer_over_jaxreg_and_differences_against_jaxreg():
