@@ -166,7 +166,9 @@ def write_displacement_field(transform: Transform, grid: Grid, path: PathLike, *
         raise ValueError("write_displacement_field writes a file: call it on concrete arrays, not inside jit or vmap")
     # One program, kept (with its trace) like a registration's: run eagerly, the sampling
     # and point arithmetic were a dozen one-operation programs, 0.36 s of a jaxreg command.
-    program, _ = _programs.compiled(_displacement_on, (transform, grid))
+    from jaxreg.registration import _compiles_fast
+
+    program, _ = _programs.compiled(_displacement_on, (transform, grid), fast_compile=_compiles_fast(math.prod(grid.shape)))
     field = np.asarray(program(transform, grid), dtype=np.float32)
     if not np.all(np.isfinite(field)):
         raise ValueError(f"cannot write {path}: the displacement field has NaN or Inf values")
