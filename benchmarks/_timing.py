@@ -71,6 +71,13 @@ def time_jax(f, *args, n: int, warmup: int = 1):
     return timing, out
 
 
+# How rotated rounds are described on the result pages (:func:`time_in_rounds`).
+ROTATION_NOTE = (
+    "each round starts one implementation later, so that none always runs right after the same peer "
+    "(torch's OpenMP threads keep spinning for a while after a call and slow down whatever runs next)"
+)
+
+
 def time_in_rounds(calls, n: int, *, rotate: bool = True):
     """Wall times of ``n`` rounds that call every one of ``calls`` once, in turn.
 

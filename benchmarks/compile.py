@@ -67,7 +67,7 @@ def _worker(case: str, data: str, factor: int, out: str) -> int:
 
     from benchmarks._timing import block
     from benchmarks.pairwise import case_pairs
-    from jaxreg import registration
+    from jaxreg import _programs, registration
     from jaxreg.grid import Image
 
     pair = [p for p in case_pairs(case, data, factor)][0]
@@ -78,7 +78,7 @@ def _worker(case: str, data: str, factor: int, out: str) -> int:
     levels: list[tuple[float, float, bool | None]] = []
     original = getattr(registration, "_run_level", None)
     if original is not None:
-        compiles_fast = getattr(registration, "_compiles_fast", None)
+        compiles_fast = getattr(_programs, "compiles_fast", None)
 
         def timed_level(fn, args, clock, **options):
             before = (clock.compile_seconds, clock.run_seconds) if clock is not None else None
@@ -229,7 +229,7 @@ def render(result: dict) -> str:
         "**run s**: the compiled program running (register: once; kernels: median of N calls); "
         "**runs to amortise** = compile / run. register: a fresh process per case, persistent compilation cache "
         "off, `register()` called twice (call 2 shows what the in-process caches save: JAX's, and the level programs jaxreg keeps, `jaxreg/_programs.py`). "
-        "**compiled for**: a level smaller than `jaxreg.registration._FAST_COMPILE_VOXELS` voxels is compiled for a fast compile "
+        "**compiled for**: a level smaller than `jaxreg._programs.FAST_COMPILE_VOXELS` voxels is compiled for a fast compile "
         "(XLA CPU's older emitters, `jaxreg._programs.FAST_COMPILE_OPTIONS`), a larger one for a fast run. "
         "**eager rest**: wall - compile - run: the pyramid, the inverse, the final warp (each a program compiled the same way) and Python.",
         "",

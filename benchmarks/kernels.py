@@ -40,6 +40,7 @@ from benchmarks._timing import (
     markdown_table,
     dispatch_floor,
     dispatch_text,
+    ROTATION_NOTE,
     memory_bandwidth,
     time_in_rounds,
     write_atomic,
@@ -573,9 +574,7 @@ def render(result) -> str:
         "in turn (N = `n` in the JSON: at least 5, or 3 at 160×192×224, and more for fast kernels, up to "
         f"{MAX_ROUNDS} or about {ROUND_BUDGET_S:.0f} s), each call ended by `block_until_ready`, so that a slow "
         "spell of the machine hits every implementation alike"
-        + ("; each round starts one implementation later, so that none always runs right after the same peer "
-           "(torch's OpenMP threads keep spinning for a while after a call and slow down whatever runs next). "
-           if result["settings"].get("timing") == "rotated rounds" else ". ") +
+        + (f"; {ROTATION_NOTE}. " if result["settings"].get("timing") == "rotated rounds" else ". ") +
         "peer/jaxreg = peer median / jaxreg median (> 1: jaxreg faster). "
         "max rel diff = max |peer - jaxreg| / max |jaxreg| over the kernel's output (gradients for fwd+grad rows).",
         "",

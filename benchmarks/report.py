@@ -26,7 +26,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import cpu_label, dispatch_text, markdown_table, write_atomic  # noqa: E402
+from benchmarks._timing import ROTATION_NOTE, cpu_label, dispatch_text, markdown_table, write_atomic  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -162,9 +162,7 @@ def kernels_section(result: dict, plots: Plots) -> list[str]:
         lines += [dispatch, ""]
     if settings.get("timing") == "rotated rounds":
         lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "
-                  "turn, so that a slow spell of the shared machine hits all of them alike; each round starts one "
-                  "implementation later, so that none always runs right after the same peer (torch's OpenMP threads "
-                  "keep spinning for a while after a call and slow down whatever runs next).", ""]
+                  f"turn, so that a slow spell of the shared machine hits all of them alike; {ROTATION_NOTE}.", ""]
     elif settings.get("timing") == "rounds":
         lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "
                   "turn, so that a slow spell of the shared machine hits all of them alike.", ""]

@@ -128,6 +128,17 @@ _programs: collections.OrderedDict = collections.OrderedDict()
 FAST_COMPILE_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
+# Programs over fewer voxels than this are compiled for a fast compile rather than a fast
+# run: a registration's small levels take milliseconds a step, and compiling them took 15
+# to 150 times as long as running them (benchmarks/results/compile.md).
+FAST_COMPILE_VOXELS = 2**16
+
+
+def compiles_fast(voxels: int) -> bool:
+    """Whether a program over ``voxels`` voxels is compiled for a fast compile."""
+    return voxels < FAST_COMPILE_VOXELS
+
+
 def traced(args) -> bool:
     """Whether any leaf of ``args`` is a tracer: then there is nothing to compile ahead of
     time, and the caller runs its function inline (under the outer transformation)."""
@@ -162,6 +173,17 @@ def compiled(fn: Callable, args: tuple, *, fast_compile: bool = False):
         while len(_programs) > _MAX_PROGRAMS:
             _programs.popitem(last=False)
     return executable, False
+
+
+def run(fn: Callable, args: tuple, *, voxels: int):
+    """``jax.jit(fn)(*args)``, kept as :func:`compiled` keeps it and compiled for a fast
+    compile where ``voxels`` is small (:func:`compiles_fast`); inline under an outer
+    transformation. For the eager work around a registration's levels (pyramids, the
+    inverse, the final warp) and after it (the pictures, the files ANTs reads)."""
+    if traced(args):
+        return fn(*args)
+    executable, _ = compiled(fn, args, fast_compile=compiles_fast(voxels))
+    return executable(*args)
 
 
 def clear():

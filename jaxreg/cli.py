@@ -486,7 +486,7 @@ def _register_pipeline(
     import jax
 
     import jaxreg
-    from jaxreg import _programs, itk, registration
+    from jaxreg import _programs, itk
     from jaxreg import metrics as jmetrics
     from jaxreg.losses import SIMILARITIES
     from jaxreg.transforms import Affine, jacobian_determinant, warp
@@ -557,8 +557,7 @@ def _register_pipeline(
         return det, loss(before, fixed_data, weights), loss(warped_data, fixed_data, weights)
 
     measured = (result.transform, moving.image, fixed.image.data, warped, weights)
-    small = registration._compiles_fast(math.prod(grid.shape))  # compiled as a level of that size
-    determinant, before, after = _programs.compiled(diagnostics, measured, fast_compile=small)[0](*measured)
+    determinant, before, after = _programs.run(diagnostics, measured, voxels=math.prod(grid.shape))
     determinant = np.asarray(determinant)
     similarity = {"name": name, "before": float(before), "after": float(after)}
     losses = [np.asarray(level, dtype=np.float64) for level in result.losses]

@@ -166,17 +166,14 @@ def write_displacement_field(transform: Transform, grid: Grid, path: PathLike, *
         raise ValueError("write_displacement_field writes a file: call it on concrete arrays, not inside jit or vmap")
     # One program, kept (with its trace) like a registration's: run eagerly, the sampling
     # and point arithmetic were a dozen one-operation programs, 0.36 s of a jaxreg command.
-    from jaxreg.registration import _compiles_fast
-
-    program, _ = _programs.compiled(_displacement_on, (transform, grid), fast_compile=_compiles_fast(math.prod(grid.shape)))
-    field = np.asarray(program(transform, grid), dtype=np.float32)
+    field = np.asarray(_programs.run(_displacement_on, (transform, grid), voxels=math.prod(grid.shape)), dtype=np.float32)
     if not np.all(np.isfinite(field)):
         raise ValueError(f"cannot write {path}: the displacement field has NaN or Inf values")
     return io.save(Image(io.ras_to_lps_vectors(field), np.asarray(grid.affine, np.float32)), path, overwrite=overwrite)
 
 
 def _displacement_on(transform: Transform, grid: Grid):
-    return transform.mapped_points(grid) - grid.points()
+    return Displacement.from_transform(transform, grid).field
 
 
 def read_displacement_field(path: PathLike) -> Displacement:

@@ -245,28 +245,17 @@ class _Clock:
         return dict(stages=tuple(self.stages), compile_seconds=timings[0], run_seconds=timings[1])
 
 
-# Levels with fewer voxels than this are compiled for a fast compile rather than a fast
-# run (jaxreg._programs.FAST_COMPILE_OPTIONS): their steps take milliseconds, and compiling
-# them took 15 to 150 times as long as running them (benchmarks/results/compile.md).
-_FAST_COMPILE_VOXELS = 2**16
-
-
-def _compiles_fast(voxels: int) -> bool:
-    """Whether a program over ``voxels`` voxels is compiled for a fast compile."""
-    return voxels < _FAST_COMPILE_VOXELS
-
-
 def _run_level(fn: Callable, args: tuple, clock: _Clock | None, *, voxels: int):
     """``jax.jit(fn)(*args)``, compiled ahead of time when ``args`` are concrete so that
     compiling and running are timed apart, and kept for the next call of an equal level
     (:mod:`jaxreg._programs`). ``voxels``: the level's size, which decides how it is
-    compiled (:func:`_compiles_fast`)."""
+    compiled (:func:`jaxreg._programs.compiles_fast`)."""
     if clock is None or _programs.traced(args):
         if clock is not None:
             clock.traced = True
         return jax.jit(fn)(*args)
     start = time.perf_counter()
-    compiled, _ = _programs.compiled(fn, args, fast_compile=_compiles_fast(voxels))
+    compiled, _ = _programs.compiled(fn, args, fast_compile=_programs.compiles_fast(voxels))
     compiled_at = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     clock.compile_seconds += compiled_at - start
@@ -280,22 +269,12 @@ def _check_shrink(shrink: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(f) for f in shrink)
 
 
-def _program(fn: Callable, args: tuple, *, voxels: int):
-    """``jax.jit(fn)(*args)`` for the eager work around the levels (pyramids, the inverse,
-    the final warp): kept like a level's program, and compiled for a fast compile where
-    small (:func:`_compiles_fast`); inline under an outer transformation."""
-    if _programs.traced(args):
-        return fn(*args)
-    executable, _ = _programs.compiled(fn, args, fast_compile=_compiles_fast(voxels))
-    return executable(*args)
-
-
 def _pyramid_level(image: Image, factor: int) -> Image:
     return pyramid(image, 2, factor=factor)[0]
 
 
 def _shrunk(image: Image, factor: int) -> Image:
-    return _program(functools.partial(_pyramid_level, factor=factor), (image,), voxels=image.data.size)
+    return _programs.run(functools.partial(_pyramid_level, factor=factor), (image,), voxels=image.data.size)
 
 
 def _downsampled(image: Image | None, factor: int, levels: dict | None = None) -> Image | None:
@@ -522,7 +501,7 @@ def _exp(v, affine, steps: int, exact_gradient: bool) -> Displacement:
 def _dense_initial(previous, previous_grid: Grid | None, grid: Grid):
     if previous is None:
         return np.zeros(grid.shape + (grid.ndim,), np.float32)
-    return _program(_field_at, (previous, previous_grid, grid), voxels=math.prod(grid.shape))
+    return _programs.run(_field_at, (previous, previous_grid, grid), voxels=math.prod(grid.shape))
 
 
 # ---------------------------------------------------------------------------- stages
@@ -996,11 +975,11 @@ def register(
             dense_inverse = dense.inverse()
         else:
             grid = dense.grid if isinstance(dense, Displacement) else fixed.grid
-            dense_inverse = _program(_invert_on, (dense, grid), voxels=math.prod(grid.shape))
+            dense_inverse = _programs.run(_invert_on, (dense, grid), voxels=math.prod(grid.shape))
         inverse = compose(dense_inverse, inverse)
         transform = compose(transform, dense)
         losses += dense_losses
     # One program for the final full-resolution warp: op by op, composing the transform and
     # sampling 160x192x224 voxels took 2.0 s, most of it dispatch and unfused passes.
-    warped = _program(warp, (original_moving, transform, fixed.grid), voxels=math.prod(fixed.shape))
+    warped = _programs.run(warp, (original_moving, transform, fixed.grid), voxels=math.prod(fixed.shape))
     return Result(transform, inverse, warped, losses, **clock.result_fields())

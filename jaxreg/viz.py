@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxreg import _programs
 from jaxreg.grid import Grid, Image
 
 __all__ = [
@@ -52,21 +53,6 @@ _FOLD_RGBA = (1.0, 0.85, 0.0, 1.0)  # folds in yellow, away from the diverging m
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _kept_program(fn, *args, points: int):
-    """``jax.jit(fn)(*args)``, kept like a registration's programs (:mod:`jaxreg._programs`):
-    a second picture of the same shapes, or with the cache on a second process, neither
-    traces nor compiles it again. ``points``: how many the program evaluates, which decides
-    how it is compiled (for a fast compile where small, as a registration's levels)."""
-    import jax
-
-    from jaxreg import _programs
-    from jaxreg.registration import _compiles_fast
-
-    if _programs.traced(args):
-        return jax.jit(fn)(*args)
-    return _programs.compiled(fn, args, fast_compile=_compiles_fast(points))[0](*args)
 
 
 def _mapped(transform, points):
@@ -327,7 +313,7 @@ def deformed_grid_lines(
     index_points = np.concatenate(pieces)
     world = index_points @ affine[:-1, :-1].T + affine[:-1, -1]
     # One compiled call for all the points (op-by-op dispatch would compile every step).
-    mapped = np.asarray(_kept_program(_mapped, transform, world.astype(np.float32), points=len(world)), dtype=np.float64)
+    mapped = np.asarray(_programs.run(_mapped, (transform, world.astype(np.float32)), voxels=len(world)), dtype=np.float64)
     if space == "index":
         inverse = np.linalg.inv(affine)
         coords = (mapped @ inverse[:-1, :-1].T + inverse[:-1, -1])[:, [p, q]]
@@ -367,7 +353,7 @@ def deformed_grid(
 def _determinant(transform, grid: Grid) -> np.ndarray:
     from jaxreg.transforms import jacobian_determinant
 
-    return np.asarray(_kept_program(jacobian_determinant, transform, grid, points=grid.size))
+    return np.asarray(_programs.run(jacobian_determinant, (transform, grid), voxels=grid.size))
 
 
 def jacobian_map(transform, grid, *, log: bool = False, view="axial", index=None, ax=None, colorbar=True, title=None, _determinant_values=None):
@@ -442,7 +428,9 @@ def report(fixed, moving, warped, transform, path=None, *, overwrite: bool = Fal
         mapped = t.mapped_points(grid)
         return mapped - grid.points(), differential.jacobian_determinant_of_map(mapped, grid)
 
-    displacement, det = _kept_program(evaluate, transform, points=grid.size)  # one program, not op-by-op dispatch
+    # One program (not op-by-op dispatch), kept: a second picture of the same shapes, or
+    # with the cache on a second process, neither traces nor compiles it again.
+    displacement, det = _programs.run(evaluate, (transform,), voxels=grid.size)
     det = np.asarray(det)
     # The sampled map as a transform: exact at voxel centres, linear between them.
     sampled = Displacement(np.asarray(displacement), np.asarray(grid.affine))

@@ -103,22 +103,20 @@ def test_fast_compile_is_the_same_function_kept_apart_and_optional(monkeypatch):
 
 
 def test_register_compiles_small_levels_fast_and_large_ones_for_speed(monkeypatch):
-    from jaxreg import registration
-
     calls = []
     keep = _programs.compiled
     monkeypatch.setattr(_programs, "compiled", lambda fn, args, fast_compile=False: (calls.append(fast_compile), keep(fn, args, fast_compile=fast_compile))[1])
     rng = np.random.default_rng(2)
     fixed, moving = (Image(gaussian_smooth(jnp.asarray(rng.standard_normal((40, 36)), jnp.float32), 2.0) + 3.0) for _ in range(2))
     options = dict(preset="fast", affine=None, shrink=(2, 1), steps=(2, 2))
-    monkeypatch.setattr(registration, "_FAST_COMPILE_VOXELS", 20 * 18 + 1)  # the shrink-2 level only
+    monkeypatch.setattr(_programs, "FAST_COMPILE_VOXELS", 20 * 18 + 1)  # the shrink-2 level only
     register(fixed, moving, **options)
     levels = calls[:]
     # levels coarse to fine (the pyramid level of the full image between them), then the
     # inverse and the final warp on the full grid
     assert levels[0] is False and True in levels and levels[-1] is False
     calls.clear()
-    monkeypatch.setattr(registration, "_FAST_COMPILE_VOXELS", 0)
+    monkeypatch.setattr(_programs, "FAST_COMPILE_VOXELS", 0)
     register(fixed, moving, **options)
     assert calls and not any(calls)
 

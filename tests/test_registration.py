@@ -300,7 +300,7 @@ def test_vmap_of_register_equals_a_loop_over_pairs():
         np.testing.assert_allclose(one.transform(points), single.transform(points), rtol=0, atol=1e-4 * moved)
         np.testing.assert_allclose(one.warped.data, single.warped.data, rtol=0, atol=1e-4)
         # A level this small runs on its own compiled with XLA CPU's older emitters
-        # (registration._FAST_COMPILE_VOXELS), batched with the newer: other roundings.
+        # (jaxreg._programs.FAST_COMPILE_VOXELS), batched with the newer: other roundings.
         for got, expected in zip(one.losses, single.losses):
             np.testing.assert_allclose(got, expected, rtol=5e-4, atol=1e-6)
 
