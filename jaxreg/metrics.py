@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -274,7 +274,6 @@ class Displacement(_FieldOnGrid):
 
 def _scaling_and_squaring(index_field, steps: int):
     """exp of a stationary velocity field given in index units, on its own grid."""
-    ndim = index_field.shape[-1]
     identity = Grid(index_field.shape[:-1]).index_points()
 
     def square(_, u):

@@ -1,7 +1,6 @@
 import re
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -230,7 +229,6 @@ def test_jacobian_determinant_analytic(ndim):
 
 
 def _transform_cases(grid):
-    ndim = grid.ndim
     return {
         "displacement": lambda x: Displacement(x, grid.affine),
         "velocity": lambda x: Velocity(x, grid.affine, steps=4),

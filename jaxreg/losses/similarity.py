@@ -27,7 +27,6 @@ a limit (hard histogram; no flat regions), see each function.
 from __future__ import annotations
 
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp
