@@ -276,3 +276,37 @@ def test_values_read_patches_for_3d_vector_fields_and_for_2d_without_vector_gath
     assert not read((6, 6, 6), 3) and not read((6, 6, 6, 1), 3)
     assert read((6, 6), 2) is (not vector_gathers) and read((6, 6, 2), 2) is (not vector_gathers)
     assert not read((6, 6, 6, 3), 3, order=3) and not read((6, 6, 6, 3), 3, mode="mirror")
+
+
+
+def _squarings(u):
+    """Three squarings of a scaling and squaring: the field is both the image read and the
+    points it is read at, so reverse mode transposes the image tangent's gathers."""
+    identity = jnp.stack(jnp.meshgrid(*[jnp.arange(n, dtype=u.dtype) for n in u.shape[:-1]], indexing="ij"), axis=-1)
+    # A loop, as Velocity.exp has: reverse mode then keeps every step's residuals.
+    return jax.lax.fori_loop(0, 3, lambda _, u: u + sample(u, identity + u, mode="nearest"), u)
+
+
+def _squarings_loss(u):
+    return jnp.mean(_squarings(u) ** 2)
+
+
+def test_recomputed_tangent_weights_give_the_same_gradient_in_less_memory(monkeypatch):
+    # Offsets near 0.15 (doubling to 0.6) keep every read inside one cell, away from the
+    # kinks of linear interpolation, so that finite differences are meaningful.
+    rng = np.random.default_rng(3)
+    field = jnp.asarray(0.15 + 0.02 * rng.normal(size=(2, 13, 11, 9, 3)), jnp.float32)
+    gradient = jax.grad(_squarings_loss)
+    programs, gradients = {}, {}
+    for threshold, name in ((2**62, "kept"), (1, "recomputed")):
+        monkeypatch.setattr(sampling, "_RECOMPUTE_TANGENT_WEIGHTS_POINTS", threshold)
+        jax.clear_caches()  # sample's own jit keeps the trace made under the other setting
+        programs[name] = jax.jit(gradient).lower(field[0]).compile()
+        gradients[name] = np.asarray(programs[name](field[0]))
+        batched = np.asarray(jax.jit(jax.vmap(gradient))(field))
+        np.testing.assert_allclose(batched[0], gradients[name], rtol=1e-5, atol=1e-9)
+        assert_grad_matches_fd(_squarings_loss, field[0], eps=1e-4)
+    jax.clear_caches()
+    np.testing.assert_allclose(gradients["recomputed"], gradients["kept"], rtol=1e-6, atol=1e-9)
+    kept, recomputed = (programs[n].memory_analysis().temp_size_in_bytes for n in ("kept", "recomputed"))
+    assert recomputed < 0.8 * kept, (recomputed, kept)
