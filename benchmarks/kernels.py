@@ -275,9 +275,18 @@ def cubic_cases(shape):
     ]
 
 
-def svf_cases(shape):
-    """Velocity(v).exp(), 7 squarings (border mode) vs voxelmorph's VecInt with grid_sample."""
+def svf_cases(shape, grad=False):
+    """Velocity(v).exp(), 7 squarings (border mode) vs voxelmorph's VecInt with grid_sample;
+    with ``grad``, the gradient of mean(exp(v)**2) with respect to v (what an SVF
+    registration or a diffeomorphic network differentiates: the field is both the image
+    read and the points it is read at, so the backward scatters)."""
     velocity = field_of(shape, seed=2)
+
+    def ours(v):
+        return Velocity(v, steps=7).exp().field
+
+    if grad:
+        ours = jax.grad(lambda v, f=ours: jnp.mean(f(v) ** 2))
 
     def torch_case():
         need(torch, "torch")
@@ -289,10 +298,12 @@ def svf_cases(shape):
                 u = u + t_sample_field(u, ident + u, "border")
             return u
 
+        if grad:
+            return torch_backward(v, lambda: run().square().mean(), t_last)
         return torch_forward(run, t_last)
 
     return None, [
-        ("jaxreg", lambda: jax_case(lambda v: Velocity(v, steps=7).exp().field, velocity)),
+        ("jaxreg", lambda: jax_case(ours, velocity)),
         ("torch grid_sample (voxelmorph VecInt)", torch_case),
     ]
 
@@ -472,7 +483,7 @@ def conv_cases(shape):
 KERNELS = {
     "warp": [("warp fwd", lambda s: warp_cases(s, grad=False)), ("warp fwd+grad", lambda s: warp_cases(s, grad=True))],
     "cubic": [("cubic fwd (prefilter)", cubic_cases)],
-    "svf": [("svf exp (7 squarings)", svf_cases)],
+    "svf": [("svf exp (7 squarings)", svf_cases), ("svf exp fwd+grad", lambda s: svf_cases(s, grad=True))],
     "compose": [("compose 2 displacements", compose_cases)],
     "smooth": [("gaussian_smooth sigma 2", smooth_cases)],
     "lncc": [("lncc r=4 box fwd+grad", lncc_cases)],
