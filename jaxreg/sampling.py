@@ -339,7 +339,9 @@ def _sample_jvp(order, mode, cval, primals, tangents):
         # Linear in image_dot; cval is a constant, so the tangent image reads zero outside.
         # Element gathers here, even where values alone read patches (_sample): the
         # transpose of this line is the image gradient, and 2**d element scatters beat
-        # one patch scatter (128 pairs of 28x28x2: 0.86 against 1.24 ms).
+        # one patch scatter (128 pairs of 28x28x2: 0.86 against 1.24 ms; the gradient of a
+        # 7-squaring exp ran 0.76x to 0.93x as fast with patches from 96^2 to 64^3, 1.12x
+        # at 96x112x128; an image gradient alone, 1.4x to 2x faster for scalar images).
         def read_tangent(image_dot, coords):
             return _interpolate(image_dot, coords, order, mode, 0.0, with_gradient=False)[0]
 
