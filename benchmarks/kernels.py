@@ -31,16 +31,16 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._timing import (
+    ROTATION_NOTE,
     block,
-    cpu_label,
     code_line,
     code_version,
     compile_jax,
-    machine_info,
-    markdown_table,
+    cpu_label,
     dispatch_floor,
     dispatch_text,
-    ROTATION_NOTE,
+    machine_info,
+    markdown_table,
     memory_bandwidth,
     time_in_rounds,
     write_atomic,

@@ -160,12 +160,10 @@ def kernels_section(result: dict, plots: Plots) -> list[str]:
     dispatch = dispatch_text(result.get("dispatch"))
     if dispatch:
         lines += [dispatch, ""]
-    if settings.get("timing") == "rotated rounds":
+    if settings.get("timing") in ("rounds", "rotated rounds"):
+        rotation = f"; {ROTATION_NOTE}" if settings["timing"] == "rotated rounds" else ""
         lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "
-                  f"turn, so that a slow spell of the shared machine hits all of them alike; {ROTATION_NOTE}.", ""]
-    elif settings.get("timing") == "rounds":
-        lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "
-                  "turn, so that a slow spell of the shared machine hits all of them alike.", ""]
+                  f"turn, so that a slow spell of the shared machine hits all of them alike{rotation}.", ""]
     lines += ["Median wall time of the timed calls after a warm-up call (their number is `n` in the JSON); **× jaxreg** = peer median ÷ jaxreg "
               "median (above 1: jaxreg is faster). JAX programs are compiled before timing (compile time in the "
               "*Compile time* section and in the JSON).", ""]
