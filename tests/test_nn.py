@@ -285,10 +285,12 @@ def test_multistep_remat_gives_the_same_loss_and_gradient():
             return loss(model, pair)[0]
 
         program = str(jax.make_jaxpr(jax.value_and_grad(one))(state.params))
-        assert ("checkpoint" in program or "remat" in program) == remat
-        return jax.jit(jax.value_and_grad(one))(state.params)
+        # sample() checkpoints its own tangent reads of displacement fields, so count.
+        checkpoints = program.count("checkpoint") + program.count("remat")
+        return jax.jit(jax.value_and_grad(one))(state.params), checkpoints
 
-    (kept, kept_grad), (recomputed, recomputed_grad) = value_and_grad(False), value_and_grad(True)
+    ((kept, kept_grad), plain), ((recomputed, recomputed_grad), rematted) = value_and_grad(False), value_and_grad(True)
+    assert rematted > plain, (rematted, plain)
     np.testing.assert_allclose(recomputed, kept, rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(recomputed_grad), jax.tree_util.tree_leaves(kept_grad)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -1,3 +1,6 @@
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -279,24 +282,26 @@ def test_values_read_patches_for_3d_vector_fields_and_for_2d_without_vector_gath
 
 
 
-def _squarings(u):
+def _squarings(u, mode="nearest"):
     """Three squarings of a scaling and squaring: the field is both the image read and the
     points it is read at, so reverse mode transposes the image tangent's gathers."""
     identity = jnp.stack(jnp.meshgrid(*[jnp.arange(n, dtype=u.dtype) for n in u.shape[:-1]], indexing="ij"), axis=-1)
     # A loop, as Velocity.exp has: reverse mode then keeps every step's residuals.
-    return jax.lax.fori_loop(0, 3, lambda _, u: u + sample(u, identity + u, mode="nearest"), u)
+    return jax.lax.fori_loop(0, 3, lambda _, u: u + sample(u, identity + u, mode=mode), u)
 
 
-def _squarings_loss(u):
-    return jnp.mean(_squarings(u) ** 2)
+def _squarings_loss(u, mode="nearest"):
+    return jnp.mean(_squarings(u, mode) ** 2)
 
 
 def test_recomputed_tangent_weights_give_the_same_gradient_in_less_memory(monkeypatch):
+    # 'mirror': 'nearest' reads of fields take the cell path, which always recomputes.
     # Offsets near 0.15 (doubling to 0.6) keep every read inside one cell, away from the
     # kinks of linear interpolation, so that finite differences are meaningful.
     rng = np.random.default_rng(3)
     field = jnp.asarray(0.15 + 0.02 * rng.normal(size=(2, 13, 11, 9, 3)), jnp.float32)
-    gradient = jax.grad(_squarings_loss)
+    mirrored_loss = functools.partial(_squarings_loss, mode="mirror")
+    gradient = jax.grad(mirrored_loss)
     programs, gradients = {}, {}
     for threshold, name in ((2**62, "kept"), (1, "recomputed")):
         monkeypatch.setattr(sampling, "_RECOMPUTE_TANGENT_WEIGHTS_POINTS", threshold)
@@ -305,8 +310,59 @@ def test_recomputed_tangent_weights_give_the_same_gradient_in_less_memory(monkey
         gradients[name] = np.asarray(programs[name](field[0]))
         batched = np.asarray(jax.jit(jax.vmap(gradient))(field))
         np.testing.assert_allclose(batched[0], gradients[name], rtol=1e-5, atol=1e-9)
-        assert_grad_matches_fd(_squarings_loss, field[0], eps=1e-4)
+        assert_grad_matches_fd(mirrored_loss, field[0], eps=1e-4)
     jax.clear_caches()
     np.testing.assert_allclose(gradients["recomputed"], gradients["kept"], rtol=1e-6, atol=1e-9)
     kept, recomputed = (programs[n].memory_analysis().temp_size_in_bytes for n in ("kept", "recomputed"))
     assert recomputed < 0.8 * kept, (recomputed, kept)
+
+
+def _nearest_linear_matrix(shape, points):
+    """The matrix of a linear 'nearest' read, column by column from scipy (unit images)."""
+    columns = []
+    for flat in range(int(np.prod(shape))):
+        unit = np.zeros(int(np.prod(shape)))
+        unit[flat] = 1.0
+        columns.append(ndi.map_coordinates(unit.reshape(shape), points.T.astype(np.float64), order=1, mode="nearest"))
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (4, 3, 5), (5, 1)])
+@pytest.mark.parametrize("channels", [None, 3])
+def test_image_gradient_of_nearest_reads_is_the_transposed_scipy_matrix(shape, channels):
+    # Displacement fields read in 'nearest' mode take the cell path (_read_cell_corners):
+    # one cell index and position kept per point, one scatter-add of all corners. Its
+    # gradient must be exactly W^T c for scipy's interpolation matrix W, at points inside,
+    # on the last voxel, beyond every edge and far outside; an axis of one voxel takes the
+    # general path.
+    rng = np.random.default_rng(7)
+    last = np.array(shape, np.float32) - 1
+    points = rng.uniform(-2.5, last + 2.5, (40, len(shape))).astype(np.float32)
+    points = np.concatenate([points, last[None], np.zeros((1, len(shape)), np.float32), (last - 0.5)[None]])
+    cotangent = rng.standard_normal((len(points),) + ((channels,) if channels else ())).astype(np.float32)
+    image = rng.standard_normal(shape + ((channels,) if channels else ())).astype(np.float32)
+
+    def loss(image):
+        return jnp.sum(cotangent * sample(image, points, mode="nearest"))
+
+    expected = _nearest_linear_matrix(shape, points).T @ cotangent.reshape(len(points), -1)
+    gradient = jax.grad(loss)(image)
+    np.testing.assert_allclose(np.asarray(gradient).reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(image), gradient, rtol=1e-6, atol=1e-6)
+    # Forward mode reads the tangent image through the same cells.
+    direction = rng.standard_normal(image.shape).astype(np.float32)
+    _, forward = jax.jvp(loss, (image,), (direction,))
+    np.testing.assert_allclose(forward, np.vdot(np.asarray(gradient), direction), rtol=1e-4, atol=1e-4)
+    program = jax.jit(jax.grad(loss)).lower(image).compile().as_text()
+    scatters = len(re.findall(r" scatter\(", program))
+    assert scatters == (1 if min(shape) >= 2 else 2 ** len(shape)), scatters
+
+
+def test_nearest_reads_of_a_field_give_the_same_gradient_under_vmap_and_finite_differences():
+    rng = np.random.default_rng(4)
+    field = jnp.asarray(0.15 + 0.02 * rng.normal(size=(3, 9, 8, 7, 3)), jnp.float32)
+    gradient = jax.grad(_squarings_loss)
+    batched = jax.jit(jax.vmap(gradient))(field)
+    for pair in range(3):
+        np.testing.assert_allclose(batched[pair], gradient(field[pair]), rtol=1e-5, atol=1e-9)
+    assert_grad_matches_fd(_squarings_loss, field[0], eps=1e-4)
