@@ -415,8 +415,9 @@ def _read_cell_corners(image, flat_start, fraction):
         weights.append(weight)
     index = flat_start[..., None] + jnp.asarray(offsets, jnp.int32)
     weights = jnp.stack(weights, axis=-1)
-    # 'fill' drops the reads (and the transposed scatter's writes) of NaN coordinates,
-    # whose integer cell start is undefined.
+    # 'fill', not a promise of bounds: the integer cell start of a NaN coordinate is
+    # undefined, and a checked gather (and its transpose) never leaves the image. The NaN
+    # still reaches the gradient through the weights, as on every path.
     corners = jnp.take(image.reshape((-1,) + channels), index, axis=0, mode="fill", fill_value=0)
     if channels:
         weights = weights.reshape(weights.shape + (1,) * len(channels))
