@@ -366,3 +366,34 @@ def test_nearest_reads_of_a_field_give_the_same_gradient_under_vmap_and_finite_d
     for pair in range(3):
         np.testing.assert_allclose(batched[pair], gradient(field[pair]), rtol=1e-5, atol=1e-9)
     assert_grad_matches_fd(_squarings_loss, field[0], eps=1e-4)
+
+
+def test_recomputed_coordinate_gradient_of_a_field_read_where_it_moves(monkeypatch):
+    # Below _RECOMPUTE_COORDINATE_GRADIENT_MAX_POINTS a 3-D field read at the points it
+    # moves (both differentiated) recomputes its coordinate gradient in the backward pass;
+    # above, it keeps it. Same gradient either way, equal to finite differences, forward
+    # mode equal to reverse mode, jit and vmap equal to the loop.
+    rng = np.random.default_rng(6)
+    field = jnp.asarray(0.15 + 0.02 * rng.normal(size=(2, 8, 9, 7, 3)), jnp.float32)
+    direction = jnp.asarray(rng.normal(size=field.shape[1:]), jnp.float32)
+    gradients = {}
+    for threshold, name in ((2**62, "recomputed"), (1, "kept")):
+        monkeypatch.setattr(sampling, "_RECOMPUTE_COORDINATE_GRADIENT_MAX_POINTS", threshold)
+        jax.clear_caches()
+        compiled = jax.jit(jax.grad(_squarings_loss)).lower(field[0]).compile().as_text()
+        # Recomputed: the backward pass reads the patches a second time.
+        assert len(re.findall(r" gather\(", compiled)) == (2 if name == "recomputed" else 1)
+        gradients[name] = np.asarray(jax.jit(jax.grad(_squarings_loss))(field[0]))
+        batched = jax.vmap(jax.grad(_squarings_loss))(field)
+        np.testing.assert_allclose(batched[0], gradients[name], rtol=1e-5, atol=1e-9)
+        _, forward = jax.jvp(_squarings_loss, (field[0],), (direction,))
+        np.testing.assert_allclose(forward, np.vdot(gradients[name], direction), rtol=1e-4)
+    jax.clear_caches()
+    np.testing.assert_allclose(gradients["recomputed"], gradients["kept"], rtol=1e-5, atol=1e-9)
+    assert_grad_matches_fd(_squarings_loss, field[0], eps=1e-4)
+    monkeypatch.setattr(sampling, "_RECOMPUTE_COORDINATE_GRADIENT_MAX_POINTS", 2**22)
+    recomputes = sampling._recomputes_coordinate_gradient
+    assert recomputes(field[0], field[0], 1, "nearest")
+    assert not recomputes(field[0], field[0], 1, "constant") and not recomputes(field[0], field[0], 3, "nearest")
+    assert not recomputes(field[0, ..., 0], field[0], 1, "nearest")  # a scalar image
+    assert not recomputes(np.zeros((6, 5, 2)), np.zeros((4, 2)), 1, "nearest")  # 2-D
