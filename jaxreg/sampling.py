@@ -103,6 +103,20 @@ def _map_index(index, n: int, mode: str):
     raise ValueError(f"unknown boundary mode {mode!r}; expected one of {sorted(MODES)}")
 
 
+def _strides(spatial) -> list[int]:
+    """Flat-index strides of the spatial axes of a C-ordered image."""
+    return [int(np.prod(spatial[k + 1 :])) for k in range(len(spatial))]
+
+
+def _cell_on_image(clamped, upper):
+    """The first corner (int32) of the 2x..x2 cell that a point clamped onto the image
+    reads in 'nearest' mode, and the point's position in it: the start is kept in
+    ``[0, n - 2]`` so that every corner lies on the image (a point on the last voxel reads
+    the cell before it at position 1). Needs ``n >= 2`` on every axis."""
+    start = jnp.minimum(jnp.floor(clamped), upper - 1.0)
+    return start.astype(jnp.int32), clamped - start
+
+
 def _taps(x, order: int):
     """Per-axis interpolation taps: integer offsets, weights and weight derivatives."""
     if order == 0:
@@ -132,7 +146,7 @@ def _interpolate(image, coords, order: int, mode: str, cval, with_gradient: bool
     spatial = image.shape[:ndim]
     channels = image.shape[ndim:]
     flat = image.reshape((-1,) + channels)
-    strides = [int(np.prod(spatial[k + 1 :])) for k in range(ndim)]
+    strides = _strides(spatial)
 
     per_axis = []
     for k in range(ndim):
@@ -214,17 +228,14 @@ def _interpolate_linear_patches(image, coords, mode: str, cval, with_gradient: b
         # is the right derivative (zero), as reading an edge-padded image gives it.
         on_image = (x >= 0.0) & ((x < upper) if unpadded else (x <= upper))
         x = jnp.clip(x, 0.0, upper)
-    base = jnp.floor(x)
     shifted = mode == "constant" and cval != 0.0
     if unpadded:
-        # Clamped into the image, a patch start needs no padding: a point on the last
-        # voxel reads the patch before it with t = 1. The gather then reads the image
-        # itself rather than a padded copy (which XLA fuses into the gather loop).
-        base = jnp.minimum(base, upper - 1.0)
-        t = x - base
-        start = base.astype(jnp.int32)
+        # Clamped into the image, a patch start needs no padding, and the gather reads
+        # the image itself rather than a padded copy (which XLA fuses into the gather loop).
+        start, t = _cell_on_image(x, upper)
         padded = image
     else:
+        base = jnp.floor(x)
         t = x - base
         base = base.astype(jnp.int32)
         start = jnp.clip(base + 1, 0, jnp.asarray(spatial, jnp.int32))
@@ -374,14 +385,18 @@ def _sample_jvp(order, mode, cval, primals, tangents):
 _RECOMPUTE_COORDINATE_GRADIENT_MAX_POINTS = 2**22
 
 
+def _reads_cells(image, coords, order: int, mode: str) -> bool:
+    """Whether the image tangent is read through :func:`_nearest_mode_cells` (linear,
+    'nearest', at least 2 voxels on every axis)."""
+    return order == 1 and mode == "nearest" and min(image.shape[: coords.shape[-1]]) >= 2
+
+
 def _recomputes_coordinate_gradient(image, coords, order: int, mode: str) -> bool:
     ndim = coords.shape[-1]
     return (
-        order == 1
-        and mode == "nearest"
+        _reads_cells(image, coords, order, mode)
         and ndim == 3
         and image.ndim > ndim
-        and min(image.shape[:ndim]) >= 2
         and np.prod(coords.shape[:-1]) < _RECOMPUTE_COORDINATE_GRADIENT_MAX_POINTS
     )
 
@@ -406,9 +421,8 @@ def _read_tangent(image_dot, coords, order: int, mode: str):
     160x192x224 10.5 against 7.4 s; the 3-D GradICON training step, composition and 32^3
     tied.
     """
-    ndim = coords.shape[-1]
-    if order == 1 and mode == "nearest" and min(image_dot.shape[:ndim]) >= 2:
-        flat_start, fraction = _nearest_mode_cells(coords, image_dot.shape[:ndim])
+    if _reads_cells(image_dot, coords, order, mode):
+        flat_start, fraction = _nearest_mode_cells(coords, image_dot.shape[: coords.shape[-1]])
         return jax.checkpoint(_read_cell_corners)(image_dot, flat_start, fraction)
 
     def read(image_dot, coords):
@@ -421,20 +435,14 @@ def _read_tangent(image_dot, coords, order: int, mode: str):
 
 def _nearest_mode_cells(coords, spatial):
     """Per point, the flat index of the first corner of the cell a linear read in
-    'nearest' mode takes its 2**d voxels from, and the point's position in that cell.
-
-    The point is clamped onto the image (beyond the edge the interpolant is the edge
-    value) and the cell start into ``[0, n - 2]``, so every corner lies on the image: a
-    point on the last voxel reads the cell before it at position 1. Needs ``n >= 2`` on
-    every axis. Returns ``(flat_start (...) int32, fraction (..., d) in [0, 1])``.
+    'nearest' mode takes its 2**d voxels from, and the point's position in that cell
+    (:func:`_cell_on_image`; beyond the edge the interpolant is the edge value, so the
+    point is clamped onto the image first). Returns ``(flat_start (...) int32, fraction
+    (..., d) in [0, 1])``.
     """
     upper = jnp.asarray(spatial, coords.dtype) - 1.0
-    clamped = jnp.clip(coords, 0.0, upper)
-    start = jnp.minimum(jnp.floor(clamped), upper - 1.0)
-    fraction = clamped - start
-    start = start.astype(jnp.int32)
-    strides = [int(np.prod(spatial[k + 1 :])) for k in range(len(spatial))]
-    flat_start = sum(start[..., k] * stride for k, stride in enumerate(strides))
+    start, fraction = _cell_on_image(jnp.clip(coords, 0.0, upper), upper)
+    flat_start = sum(start[..., k] * stride for k, stride in enumerate(_strides(spatial)))
     return flat_start, fraction
 
 
@@ -444,7 +452,7 @@ def _read_cell_corners(image, flat_start, fraction):
     ndim = fraction.shape[-1]
     spatial = image.shape[:ndim]
     channels = image.shape[ndim:]
-    strides = [int(np.prod(spatial[k + 1 :])) for k in range(ndim)]
+    strides = _strides(spatial)
     offsets, weights = [], []
     for corner in itertools.product((0, 1), repeat=ndim):
         offsets.append(sum(c * stride for c, stride in zip(corner, strides)))
@@ -626,9 +634,9 @@ def _sample_nearest(image, coords, mode, cval):
     coords = jax.lax.stop_gradient(coords)
     flat_index = 0
     inside = None
-    for k in range(ndim):
+    for k, stride in enumerate(_strides(spatial)):
         index, valid = _map_index(jnp.round(coords[..., k]).astype(jnp.int32), spatial[k], mode)
-        flat_index = flat_index + index * int(np.prod(spatial[k + 1 :]))
+        flat_index = flat_index + index * stride
         if valid is not None:
             inside = valid if inside is None else inside & valid
     values = jnp.take(flat, flat_index, axis=0, mode="fill", fill_value=0)
