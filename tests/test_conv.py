@@ -92,6 +92,58 @@ def test_conv2d_under_vmap_jit_and_finite_differences():
     assert_grad_matches_fd(lambda wx: energy(conv.conv2d)(*wx), (w, x))
 
 
+# Stride-1 cases that take the matrix-product forms (the assertions name which), with the
+# pads of 'SAME', 'VALID', one-sided, asymmetric and negative (a crop).
+PRODUCT_CASES = [
+    ((2, 9, 8, 2), (3, 3, 2, 3), "SAME"),  # columns forward, columns input gradient
+    ((1, 7, 6, 3), (3, 3, 3, 2), [(2, 0), (0, 2)]),
+    ((1, 8, 7, 3), (3, 1, 3, 2), "VALID"),
+    ((2, 6, 7, 24), (3, 3, 24, 3), "SAME"),  # kernel gradient by shifts, columns input gradient
+    ((1, 8, 6, 30), (3, 3, 30, 4), [(-1, 1), (2, 0)]),
+    ((1, 7, 6, 40), (1, 3, 40, 8), [(0, 2), (1, 0)]),
+]
+
+
+@pytest.mark.parametrize("shape, kernel, padding", PRODUCT_CASES)
+def test_matrix_product_forms_equal_lax_to_second_order_and_under_vmap(shape, kernel, padding):
+    kh, kw, channels, out_channels = kernel
+    columns, reversed_columns = conv._reads_columns(kernel, (1, 1)), conv._reads_columns((kh, kw, out_channels, channels), (1, 1))
+    shifts = conv._by_shifted_gradients(channels, out_channels, (kh, kw), (1, 1))
+    assert columns or reversed_columns or shifts  # the case exercises at least one of them
+    x, w = random_pair(shape, kernel, seed=8)
+    ours = lambda x, w: conv.conv2d(x, w, (1, 1), padding, precision=lax.Precision.HIGHEST)  # noqa: E731
+    theirs = lambda x, w: reference_2d(x, w, (1, 1), padding)  # noqa: E731
+    np.testing.assert_allclose(ours(x, w), theirs(x, w), rtol=1e-5, atol=1e-5)
+
+    def energy(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+
+    def second(f):
+        return lambda x, w: sum(jnp.sum(g**2) for g in jax.grad(energy(f), (0, 1))(x, w))
+
+    for order in (energy, second):
+        got, want = (jax.jit(jax.grad(order(f), (0, 1)))(x, w) for f in (ours, theirs))
+        for g, r in zip(got, want):
+            assert relative_error(g, r) < 1e-4, order.__name__
+
+    # A vmap over pairs with a shared kernel, as training runs it: per-pair kernel gradients.
+    per_pair = [jax.jit(jax.vmap(jax.grad(energy(f), 1), (0, None)))(x[:, None], w) for f in (ours, theirs)]
+    assert relative_error(*per_pair) < 1e-5
+    assert_grad_matches_fd(lambda xw: energy(ours)(*xw), (x, w))
+
+
+def test_matrix_product_forms_run_where_measured_faster():
+    """The forms' thresholds, on the layers of examples/gradicon_3d.py (features 8, 16, 16, 32,
+    depth folded so that C counts 3 depth taps), where they were measured."""
+    assert conv._reads_columns((3, 3, 3, 24), (1, 1))  # output layer's input gradient: 3 -> 24
+    assert not conv._reads_columns((3, 3, 6, 8), (1, 1))  # stem, 2 channels folded: a tie, left to XLA
+    assert not conv._reads_columns((3, 3, 3, 24), (2, 2))  # strided: never
+    assert conv._by_shifted_gradients(72, 8, (3, 3), (1, 1))  # last decoder layer, 24 -> 8 at 32^3
+    assert conv._by_shifted_gradients(24, 3, (3, 3), (1, 1))  # output layer, 8 -> 3
+    assert not conv._by_shifted_gradients(24, 16, (3, 3), (1, 1))  # 8 -> 16: the copies outgrow the input
+    assert not conv._by_shifted_gradients(72, 8, (3, 3), (2, 2))
+
+
 def test_gradients_inside_a_loop_are_channels_last_convolutions():
     """The reason for conv2d: XLA CPU leaves autodiff's permuted convolutions in a loop body
     as they are, and runs them as naive loops; conv2d's gradients are channels-last there."""
