@@ -144,6 +144,46 @@ def test_matrix_product_forms_run_where_measured_faster():
     assert not conv._by_shifted_gradients(72, 8, (3, 3), (2, 2))
 
 
+def test_chunk_sizes_divide_the_batch_and_keep_at_least_8_items():
+    assert conv._chunk_size(64, 16) == 16
+    assert conv._chunk_size(40, 16) == 10
+    assert conv._chunk_size(16, 16) is None  # small enough to run whole
+    assert conv._chunk_size(34, 16) is None  # 34 = 2 * 17: chunks of 2 would lose
+    assert conv._chunk_size(128, 1) == 1  # items too large for more than one a chunk
+    assert conv._large_batch_chunk(128, 64 * 64 * 24 * 4) == 16  # the 64^3 layer: 48 MiB in 6 MiB chunks
+    assert conv._large_batch_chunk(64, 32 * 32 * 72 * 4) is None  # 18 MiB: whole
+
+
+@pytest.mark.parametrize("strides, padding", [((1, 1), "SAME"), ((2, 1), [(1, 0), (0, 2)])])
+def test_batches_run_in_chunks_equal_lax_to_second_order_and_under_vmap(monkeypatch, strides, padding):
+    """Chunks forced on a small batch (8 items in chunks of 4, both gradient forms): values
+    and gradients as lax's, and the kernel gradient summed over the chunks."""
+    monkeypatch.setattr(conv, "_KERNEL_GRADIENT_CHUNK", 4)
+    monkeypatch.setattr(conv, "_CONVOLUTION_CHUNK_ABOVE_BYTES", 1)
+    monkeypatch.setattr(conv, "_CONVOLUTION_CHUNK_BYTES", 4 * 9 * 8 * 6 * 4)
+    x, w = random_pair((8, 9, 8, 5), (3, 3, 5, 6), seed=9)
+    assert conv._large_batch_chunk(8, 9 * 8 * 6 * 4) == 4 and conv._chunk_size(8, 4) == 4
+    ours = lambda x, w: conv.conv2d(x, w, strides, padding, precision=lax.Precision.HIGHEST)  # noqa: E731
+    theirs = lambda x, w: reference_2d(x, w, strides, padding)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(ours)(x, w), theirs(x, w), rtol=1e-5, atol=1e-5)
+
+    def energy(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+
+    def second(f):
+        return lambda x, w: sum(jnp.sum(g**2) for g in jax.grad(energy(f), (0, 1))(x, w))
+
+    # The forward pass and both gradients each loop over the chunks.
+    assert jax.jit(jax.grad(energy(ours), (0, 1))).lower(x, w).as_text().count("stablehlo.while") == 3
+    for order in (energy, second):
+        got, want = (jax.jit(jax.grad(order(f), (0, 1)))(x, w) for f in (ours, theirs))
+        for g, r in zip(got, want):
+            assert relative_error(g, r) < 1e-4, order.__name__
+    per_pair = [jax.jit(jax.vmap(jax.grad(energy(f), 1), (0, None)))(jnp.stack([x, -x]), w) for f in (ours, theirs)]
+    assert relative_error(*per_pair) < 1e-5
+    assert_grad_matches_fd(lambda xw: energy(ours)(*xw), (x, w))
+
+
 def test_gradients_inside_a_loop_are_channels_last_convolutions():
     """The reason for conv2d: XLA CPU leaves autodiff's permuted convolutions in a loop body
     as they are, and runs them as naive loops; conv2d's gradients are channels-last there."""

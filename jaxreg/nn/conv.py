@@ -1,6 +1,6 @@
 """Convolutions for XLA's CPU backend: 3-D ones as 2-D ones, gradients in canonical form.
 
-Four things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (jaxlib 0.10.2):
+Five things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (jaxlib 0.10.2):
 
 - **3-D convolutions.** XLA runs three spatial dimensions 3-4x slower than two: a U-Net
   layer (3x3x3, 8 -> 16 channels, batch 2, forward + both gradients) took 181 ms at 32^3
@@ -33,6 +33,13 @@ Four things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (ja
   matrix product (:func:`_kernel_gradient_by_shifts`) instead of a convolution whose window
   is the whole image. Together they took the 3-D GradICON step below from 0.31 to 0.26 s in
   ``train``'s scan (1.18x; 1.24x for the step alone, 14 rounds in turn); a 2-D one tied.
+
+- **Large batches.** XLA CPU's convolutions slow down on large batches (a 3-D layer's
+  depth slices are its batch): the kernel gradient contracts over the batch and ran 3-5x
+  faster in chunks of 8-16 items (a ``lax.map``, the chunks' gradients summed), and a
+  forward pass or input gradient over more than 32 MiB ran 1.5x faster in chunks of at most
+  8 MiB. With both, a 64^3 layer (8 -> 16 channels, 2 pairs, forward and both gradients)
+  took 136-176 ms where torch's ``conv3d`` took 240-325 ms (``benchmarks/results/kernels-conv.md``).
 
 Together: the 3-D GradICON training step of ``examples/gradicon_3d.py`` (two-step U-Net,
 2 pairs of 32^3) ran 0.7 s per step in ``train``'s scan, against 3.5 s with lax's
@@ -143,9 +150,18 @@ def _reads_columns(kernel_shape, strides) -> bool:
 
 
 def _forward(x, kernel, strides, pads, precision):
-    if _reads_columns(kernel.shape, strides):
-        return _by_columns(x, kernel, pads, precision)
-    return _plain(x, kernel, strides, pads, precision)
+    def in_one(x):
+        if _reads_columns(kernel.shape, strides):
+            return _by_columns(x, kernel, pads, precision)
+        return _plain(x, kernel, strides, pads, precision)
+
+    out_pixels = math.prod((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(x.shape[1:3], pads, kernel.shape[:2], strides))
+    item_bytes = max(math.prod(x.shape[1:]), out_pixels * kernel.shape[3]) * x.dtype.itemsize
+    chunk = _large_batch_chunk(x.shape[0], item_bytes)
+    if chunk is None:
+        return in_one(x)
+    out = _map_chunks(in_one, (x,), chunk)
+    return out.reshape((x.shape[0],) + out.shape[2:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -166,9 +182,18 @@ def _input_gradient(g, kernel, size, strides, pads, precision):
     # dimension numbers, the form that runs slowly inside loops.
     flipped = lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
     pads_x = tuple((k - 1 - lo, n - 1 + lo - (m - 1) * s) for k, (lo, _), n, m, s in zip(window, pads, size, out, strides))
-    if _reads_columns(flipped.shape, strides):
-        return _by_columns(g, flipped, pads_x, precision)
-    return _plain(g, flipped, (1, 1), pads_x, precision, lhs_dilation=strides)
+
+    def in_one(g):
+        if _reads_columns(flipped.shape, strides):
+            return _by_columns(g, flipped, pads_x, precision)
+        return _plain(g, flipped, (1, 1), pads_x, precision, lhs_dilation=strides)
+
+    item_bytes = max(math.prod(g.shape[1:]), math.prod(size) * kernel.shape[2]) * g.dtype.itemsize
+    chunk = _large_batch_chunk(g.shape[0], item_bytes)
+    if chunk is None:
+        return in_one(g)
+    dx = _map_chunks(in_one, (g,), chunk)
+    return dx.reshape((g.shape[0],) + dx.shape[2:])
 
 
 def _conv2d_backward(strides, pads, precision, residuals, g):
@@ -186,10 +211,13 @@ def _kernel_gradient(x, g, window, strides, pads, precision):
     """The kernel gradient of ``_plain(x, kernel, strides, pads)`` for an output gradient ``g``."""
 
     if _by_shifted_gradients(x.shape[-1], g.shape[-1], window, strides):
-        return _kernel_gradient_by_shifts(x, g, window, pads, precision)
+        by_shifts = functools.partial(_kernel_gradient_by_shifts, window=window, pads=pads, precision=precision)
+        chunk = _chunk_size(x.shape[0], _SHIFTED_GRADIENT_CHUNK)
+        if chunk is None:
+            return by_shifts(x, g)
+        return jnp.sum(_map_chunks(by_shifts, (x, g), chunk), axis=0)
 
-    @jax.custom_batching.custom_vmap
-    def kernel_gradient(x, g):
+    def in_one(x, g):
         size, out = x.shape[1:3], g.shape[1:3]
         # Batch and channels swapped, the output gradient as the kernel, dilated by the strides.
         x_t = lax.optimization_barrier(jnp.transpose(x, (3, 1, 2, 0)))  # (C, H, W, N)
@@ -197,6 +225,13 @@ def _kernel_gradient(x, g, window, strides, pads, precision):
         pads_k = tuple((lo, k + (m - 1) * s - n - lo) for k, (lo, _), n, m, s in zip(window, pads, size, out, strides))
         dk = _plain(x_t, g_t, (1, 1), pads_k, precision, rhs_dilation=strides)  # (C, kh, kw, O)
         return jnp.transpose(dk, (1, 2, 0, 3))
+
+    @jax.custom_batching.custom_vmap
+    def kernel_gradient(x, g):
+        chunk = _chunk_size(x.shape[0], _KERNEL_GRADIENT_CHUNK)
+        if chunk is None:
+            return in_one(x, g)
+        return jnp.sum(_map_chunks(in_one, (x, g), chunk), axis=0)
 
     @kernel_gradient.def_vmap
     def one_at_a_time(axis_size, in_batched, x, g):
@@ -207,6 +242,46 @@ def _kernel_gradient(x, g, window, strides, pads, precision):
         return lax.map(lambda pair: kernel_gradient(*pair), (x, g)), True
 
     return kernel_gradient(x, g)
+
+
+# The convolution form of the kernel gradient contracts over the batch as its input
+# features, and XLA CPU ran it fastest with 8 to 16 of them: batches cut into chunks of at
+# most 16 (a lax.map, the chunks' gradients summed) took 42 ms against 235 for 128 slices
+# of 64x64, 24 -> 16 channels (a 64^3 layer, 2 pairs, depth folded), 5 against 7 ms at
+# 32^3, 2.2 against 4.8 ms for 128 MNIST-sized 16 -> 32 layers; chunks of 4 lost again.
+_KERNEL_GRADIENT_CHUNK = 16
+# The same for the shifted-copies form (its copies then stay in cache): 8 items a chunk
+# took 42 against 139 ms for 128 slices of 64x64, 72 -> 8 channels, 4.0 against 14.6 ms
+# for 64 slices of 32x32 (the gradicon_3d decoder layer), 9.4 against 48 ms for 24 -> 3.
+_SHIFTED_GRADIENT_CHUNK = 8
+# A convolution (or its input gradient) whose batch holds more than this many bytes of
+# input or output runs in chunks of at most _CONVOLUTION_CHUNK_BYTES: 64^3, 24 -> 16
+# channels, 2 pairs (48 MiB of input) 65 -> 43 ms forward, 85 -> 58 ms input gradient, in
+# chunks of 6 MiB; from 18 MiB down, chunks tied or lost.
+_CONVOLUTION_CHUNK_ABOVE_BYTES = 32 * 2**20
+_CONVOLUTION_CHUNK_BYTES = 8 * 2**20
+
+
+def _chunk_size(n: int, most: int) -> int | None:
+    """The largest divisor of ``n`` that is at most ``most``, or None where the batch
+    should run whole: ``n <= most``, or no divisor of 8 or more (chunks of fewer lost)."""
+    if n <= most:
+        return None
+    chunk = max(c for c in range(1, most + 1) if n % c == 0)
+    return chunk if chunk >= min(8, most) else None
+
+
+def _map_chunks(fn, arrays, chunk):
+    """``fn`` on consecutive chunks of ``chunk`` items of the arrays' shared leading axis,
+    one after the other (a lax.map); results stacked on a new leading axis."""
+    split = tuple(a.reshape((a.shape[0] // chunk, chunk) + a.shape[1:]) for a in arrays)
+    return lax.map(lambda parts: fn(*parts), split)
+
+
+def _large_batch_chunk(batch: int, item_bytes: int) -> int | None:
+    if batch * item_bytes <= _CONVOLUTION_CHUNK_ABOVE_BYTES:
+        return None
+    return _chunk_size(batch, max(1, _CONVOLUTION_CHUNK_BYTES // item_bytes))
 
 
 def _by_shifted_gradients(channels, out_channels, window, strides) -> bool:
