@@ -43,7 +43,9 @@ Five things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (ja
 
 Together: the 3-D GradICON training step of ``examples/gradicon_3d.py`` (two-step U-Net,
 2 pairs of 32^3) ran 0.7 s per step in ``train``'s scan, against 3.5 s with lax's
-convolutions (same process, in turn).
+convolutions (same process, in turn), with the first three; the matrix-product forms
+brought it to 0.26 s on a faster host (``benchmarks/results/amortized-3d.md``: 4.56
+steps/s against icon_registration's 4.31).
 
 :func:`conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` (flax's
 ``nnx.Conv`` takes it as ``conv_general_dilated=``) that does all of this where it can and
