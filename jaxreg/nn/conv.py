@@ -158,12 +158,7 @@ def _forward(x, kernel, strides, pads, precision):
         return _plain(x, kernel, strides, pads, precision)
 
     out_pixels = math.prod((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(x.shape[1:3], pads, kernel.shape[:2], strides))
-    item_bytes = max(math.prod(x.shape[1:]), out_pixels * kernel.shape[3]) * x.dtype.itemsize
-    chunk = _large_batch_chunk(x.shape[0], item_bytes)
-    if chunk is None:
-        return in_one(x)
-    out = _map_chunks(in_one, (x,), chunk)
-    return out.reshape((x.shape[0],) + out.shape[2:])
+    return _in_large_batch_chunks(in_one, x, out_pixels * kernel.shape[3])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -190,12 +185,7 @@ def _input_gradient(g, kernel, size, strides, pads, precision):
             return _by_columns(g, flipped, pads_x, precision)
         return _plain(g, flipped, (1, 1), pads_x, precision, lhs_dilation=strides)
 
-    item_bytes = max(math.prod(g.shape[1:]), math.prod(size) * kernel.shape[2]) * g.dtype.itemsize
-    chunk = _large_batch_chunk(g.shape[0], item_bytes)
-    if chunk is None:
-        return in_one(g)
-    dx = _map_chunks(in_one, (g,), chunk)
-    return dx.reshape((g.shape[0],) + dx.shape[2:])
+    return _in_large_batch_chunks(in_one, g, math.prod(size) * kernel.shape[2])
 
 
 def _conv2d_backward(strides, pads, precision, residuals, g):
@@ -214,10 +204,7 @@ def _kernel_gradient(x, g, window, strides, pads, precision):
 
     if _by_shifted_gradients(x.shape[-1], g.shape[-1], window, strides):
         by_shifts = functools.partial(_kernel_gradient_by_shifts, window=window, pads=pads, precision=precision)
-        chunk = _chunk_size(x.shape[0], _SHIFTED_GRADIENT_CHUNK)
-        if chunk is None:
-            return by_shifts(x, g)
-        return jnp.sum(_map_chunks(by_shifts, (x, g), chunk), axis=0)
+        return _summed_over_chunks(by_shifts, x, g, _SHIFTED_GRADIENT_CHUNK)
 
     def in_one(x, g):
         size, out = x.shape[1:3], g.shape[1:3]
@@ -230,10 +217,7 @@ def _kernel_gradient(x, g, window, strides, pads, precision):
 
     @jax.custom_batching.custom_vmap
     def kernel_gradient(x, g):
-        chunk = _chunk_size(x.shape[0], _KERNEL_GRADIENT_CHUNK)
-        if chunk is None:
-            return in_one(x, g)
-        return jnp.sum(_map_chunks(in_one, (x, g), chunk), axis=0)
+        return _summed_over_chunks(in_one, x, g, _KERNEL_GRADIENT_CHUNK)
 
     @kernel_gradient.def_vmap
     def one_at_a_time(axis_size, in_batched, x, g):
@@ -280,10 +264,30 @@ def _map_chunks(fn, arrays, chunk):
     return lax.map(lambda parts: fn(*parts), split)
 
 
+def _summed_over_chunks(fn, x, g, most: int):
+    """``fn(x, g)`` (a kernel gradient), summed over chunks of at most ``most`` items of
+    the batch where :func:`_chunk_size` finds them."""
+    chunk = _chunk_size(x.shape[0], most)
+    if chunk is None:
+        return fn(x, g)
+    return jnp.sum(_map_chunks(fn, (x, g), chunk), axis=0)
+
+
 def _large_batch_chunk(batch: int, item_bytes: int) -> int | None:
     if batch * item_bytes <= _CONVOLUTION_CHUNK_ABOVE_BYTES:
         return None
     return _chunk_size(batch, max(1, _CONVOLUTION_CHUNK_BYTES // item_bytes))
+
+
+def _in_large_batch_chunks(fn, x, out_item_size: int):
+    """``fn(x)`` (a convolution or its input gradient, ``out_item_size`` values out per
+    batch item), run in chunks of the batch where it is large (:func:`_large_batch_chunk`)."""
+    item_bytes = max(math.prod(x.shape[1:]), out_item_size) * x.dtype.itemsize
+    chunk = _large_batch_chunk(x.shape[0], item_bytes)
+    if chunk is None:
+        return fn(x)
+    out = _map_chunks(fn, (x,), chunk)
+    return out.reshape((x.shape[0],) + out.shape[2:])
 
 
 def _by_shifted_gradients(channels, out_channels, window, strides) -> bool:
