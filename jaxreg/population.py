@@ -77,8 +77,7 @@ def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, 
     multiple of the device count. ``batch_size`` registers that many pairs at a time
     (``jax.lax.map``) instead of all at once: on CPU a working set that stays in cache can
     beat one large batch (``benchmarks/results/population.md``); with ``devices`` as well,
-    the chunks run over the whole batch and the result comes back replicated rather than
-    sharded (correct, but without the per-device split). The program is kept for
+    each device registers its own share of the pairs that many at a time. The program is kept for
     the next call with equal settings and shapes (:mod:`jaxreg._programs`), so a template
     iteration does not compile again. Returns the stage's result with a leading pairs axis
     on every array.
@@ -107,8 +106,43 @@ def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, 
     devices = _chosen_devices(devices)
     if fixed.shape[0] % len(devices):
         raise ValueError(f"{fixed.shape[0]} pairs cannot be split evenly over {len(devices)} devices")
+    device_ids = tuple(int(d.id) for d in devices)
+
+    def sharded(f, m):
+        # Each device runs ``run`` on its own pairs, so batch_size chunks each device's share
+        # (a lax.map under jit alone would run over the whole batch, replicated).
+        return jax.shard_map(run, mesh=_pairs_mesh(device_ids), in_specs=PartitionSpec("pairs"),
+                             out_specs=PartitionSpec("pairs"), check_vma=False)(f, m)
+
+    if _programs.traced((fixed, moving)):
+        return sharded(fixed, moving)
     sharding = pair_sharding(devices)
-    return jax.jit(run)(jax.device_put(fixed, sharding), jax.device_put(moving, sharding))
+    fixed, moving = jax.device_put(fixed, sharding), jax.device_put(moving, sharding)
+    return _sharded_program(sharded, (fixed, moving), device_ids)(fixed, moving)
+
+
+def _pairs_mesh(device_ids: tuple[int, ...]) -> Mesh:
+    by_id = {d.id: d for d in jax.devices()}
+    return Mesh(np.asarray([by_id[i] for i in device_ids]), ("pairs",))
+
+
+# Sharded programs kept for the next call with equal settings, shapes and devices (a
+# template iteration): jax.jit of the closure made afresh per call traced and compiled
+# again every time. Apart from _programs, whose keys hold no shardings.
+_SHARDED_PROGRAMS: dict = {}
+_MAX_SHARDED_PROGRAMS = 16
+
+
+def _sharded_program(fn: Callable, args: tuple, device_ids: tuple[int, ...]):
+    key = _programs.program_key(fn, args)
+    if key is None:
+        return jax.jit(fn)
+    key = key + (device_ids,)
+    if key not in _SHARDED_PROGRAMS:
+        if len(_SHARDED_PROGRAMS) >= _MAX_SHARDED_PROGRAMS:
+            _SHARDED_PROGRAMS.pop(next(iter(_SHARDED_PROGRAMS)))
+        _SHARDED_PROGRAMS[key] = jax.jit(fn).lower(*args).compile()
+    return _SHARDED_PROGRAMS[key]
 
 
 def _sharpen(image, amount: float, ndim: int):

@@ -117,6 +117,21 @@ def test_sharded_over_four_cpu_devices_equals_one_device():
         assert len(sharded.field.sharding.device_set) == 4, sharded.field.sharding
         assert float(jnp.abs(single.field).max()) > 0.05
         np.testing.assert_allclose(np.asarray(sharded.field), np.asarray(single.field), atol=1e-4)
+        # Each device maps over its own share, one pair at a time; the result stays sharded.
+        eight_fixed, eight_moving = jnp.concatenate([fixed, fixed]), jnp.concatenate([moving, moving[::-1]])
+        traces = []
+        def counted(f, m, **kw):
+            traces.append(1)
+            return register_greedy(f, m, **kw)
+        chunked, _ = register_many(counted, eight_fixed, eight_moving, devices=4, batch_size=1, **options)
+        assert len(chunked.field.sharding.device_set) == 4, chunked.field.sharding
+        expected = np.concatenate([np.asarray(single.field), np.asarray(single.field)[::-1]])
+        np.testing.assert_allclose(np.asarray(chunked.field), expected, atol=1e-4)
+        # A second call with equal settings runs the kept program: no new trace.
+        traced = len(traces)
+        again, _ = register_many(counted, eight_fixed, eight_moving, devices=4, batch_size=1, **options)
+        assert len(traces) == traced, (traced, len(traces))
+        np.testing.assert_array_equal(np.asarray(again.field), np.asarray(chunked.field))
         print("OK")
         """
     )
