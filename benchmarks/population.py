@@ -1,15 +1,19 @@
 """Population throughput: many pairs registered by one vmap-ed program against a loop.
 
-    python benchmarks/population.py [--quick | --large] [--stage svf,greedy] [--size 96] [--out PATH]
+    python benchmarks/population.py [--quick | --large] [--stage svf,greedy] [--size 96] [--host-devices N] [--out PATH]
 
 Each of N moving images (synthetic blobs warped by random smooth velocities, 2-D,
 ``--size``^2) is registered to the same fixed image with the same stage and settings.
 ``vmap``: ``jax.jit(jax.vmap(stage))`` over the whole batch; above ``--batch-size``
 pairs also ``--batch-size`` pairs at a time in a ``lax.map`` (what
 ``register_many(..., batch_size=k)`` runs); ``loop``: one jitted single-pair program
-called N times. Both are compiled once before timing (compile time
-reported apart), so the ratio is pure throughput. Writes
-``benchmarks/results/population.{json,md}``.
+called N times; ``sharded``: ``register_many(stage, ..., devices=k)``, the batch split
+over k devices. On CPU the script makes each core a device
+(``XLA_FLAGS=--xla_force_host_platform_device_count``, set before JAX starts; ``--host-devices``,
+default the core count; 1 leaves it off), so the sharded row is what a CPU user gets
+by exposing the cores that way; the vmap and loop programs run on device 0, as without
+the flag. All are compiled before timing (compile time reported apart), so the ratio
+is pure throughput. Writes ``benchmarks/results/population.{json,md}``.
 """
 
 from __future__ import annotations
@@ -22,14 +26,33 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import optax
+
+
+def _host_devices_from(argv) -> int:
+    for i, arg in enumerate(argv):
+        if arg == "--host-devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--host-devices="):
+            return int(arg.split("=", 1)[1])
+    return os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    # Only as a script: the flag takes effect only before JAX starts, and importers (the
+    # tests) keep their own JAX.
+    _count = _host_devices_from(sys.argv[1:])
+    if _count > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_count}").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import block, code_version, cpu_label, machine_info, markdown_table, time_in_rounds, write_atomic  # noqa: E402
 
 from jaxreg import synthetic  # noqa: E402
+from jaxreg.population import pair_sharding, register_many  # noqa: E402
 from jaxreg.grid import Grid, Image  # noqa: E402
 from jaxreg.registration import register_greedy, register_svf  # noqa: E402
 from jaxreg.transforms import warp  # noqa: E402
@@ -62,6 +85,7 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
         field, _ = stage(Image(f), Image(m), **options)
         return field.field
 
+    devices = jax.device_count()
     rows = []
     for n in counts:
         fixed, moving = make_batch(n, size)
@@ -71,24 +95,43 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
         start = time.perf_counter()
         single = jax.jit(one).lower(fixed[0], moving[0]).compile()
         loop_compile = time.perf_counter() - start
-        programs = [lambda: batched(fixed, moving), lambda: [single(fixed[i], moving[i]) for i in range(n)]]
-        chunked = {}
+        programs = {"vmap": lambda: batched(fixed, moving), "loop": lambda: [single(fixed[i], moving[i]) for i in range(n)]}
+        compile_s = {}
         if n > batch_size:
             # What register_many(..., batch_size=k) runs: k pairs at a time in a lax.map.
             start = time.perf_counter()
             in_chunks = jax.jit(lambda f, m: jax.lax.map(lambda pair: one(*pair), (f, m), batch_size=batch_size))
             in_chunks = in_chunks.lower(fixed, moving).compile()
-            chunked_compile = time.perf_counter() - start
-            programs.append(lambda: in_chunks(fixed, moving))
-        for program in programs:  # warm-up
+            compile_s["chunked"] = time.perf_counter() - start
+            programs["chunked"] = lambda: in_chunks(fixed, moving)
+        if devices > 1 and n % devices == 0:
+            # The library's own call, its inputs already placed as it places them.
+            sharding = pair_sharding()
+            on_devices = (jax.device_put(fixed, sharding), jax.device_put(moving, sharding))
+            programs["sharded"] = lambda: register_many(stage, *on_devices, devices=devices, **options)
+            if n > batch_size:
+                programs["sharded_chunked"] = lambda: register_many(stage, *on_devices, devices=devices, batch_size=batch_size, **options)
+        first_call_s = {}
+        for name, program in programs.items():  # warm-up; register_many compiles in its first call
+            start = time.perf_counter()
             block(program())
+            first_call_s[name] = time.perf_counter() - start
         # In rounds, each program once per round: a slow spell of the machine hits all alike.
-        rounds = time_in_rounds(programs, repeats)
-        times = [statistics.median(t) for t in rounds]
-        vmap_s, loop_s = times[:2]
-        if n > batch_size:
-            chunked = dict(batch_size=batch_size, chunked_pairs_per_s=n / times[2],
-                           chunked_speedup=loop_s / times[2], chunked_compile_s=chunked_compile)
+        rounds = dict(zip(programs, time_in_rounds(list(programs.values()), repeats)))
+        times = {name: statistics.median(t) for name, t in rounds.items()}
+        vmap_s, loop_s = times["vmap"], times["loop"]
+        extra = {}
+        if "chunked" in times:
+            extra.update(batch_size=batch_size, chunked_pairs_per_s=n / times["chunked"],
+                         chunked_speedup=loop_s / times["chunked"], chunked_compile_s=compile_s["chunked"])
+        if "sharded" in times:
+            per_round = speedup_of_rounds(rounds["sharded"], rounds["loop"])
+            extra.update(devices=devices, sharded_pairs_per_s=n / times["sharded"], sharded_speedup=loop_s / times["sharded"],
+                         sharded_speedup_min=per_round["speedup_min"], sharded_speedup_max=per_round["speedup_max"],
+                         sharded_compile_s=first_call_s["sharded"] - times["sharded"])
+        if "sharded_chunked" in times:
+            extra.update(sharded_chunked_pairs_per_s=n / times["sharded_chunked"],
+                         sharded_chunked_speedup=loop_s / times["sharded_chunked"])
         rows.append(
             dict(
                 stage=stage_name,
@@ -98,10 +141,10 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
                 loop_s=loop_s,
                 vmap_pairs_per_s=n / vmap_s,
                 loop_pairs_per_s=n / loop_s,
-                **speedup_of_rounds(rounds[0], rounds[1]),
+                **speedup_of_rounds(rounds["vmap"], rounds["loop"]),
                 vmap_compile_s=vmap_compile,
                 loop_compile_s=loop_compile,
-                **chunked,
+                **extra,
             )
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -121,12 +164,18 @@ def render(result: dict) -> str:
     rows = [
         [r["stage"], f"{r['size']}^2", r["pairs"], f"{r['vmap_pairs_per_s']:.2f}", f"{r['loop_pairs_per_s']:.2f}",
          f"{r['speedup']:.2f}x", f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}" if "speedup_min" in r else "", chunk(r, "chunked_pairs_per_s", ".2f"), chunk(r, "chunked_speedup", ".2f") + ("x" if "chunked_speedup" in r else ""),
+         chunk(r, "sharded_pairs_per_s", ".2f"), chunk(r, "sharded_speedup", ".2f") + ("x" if "sharded_speedup" in r else ""),
+         f"{r['sharded_speedup_min']:.2f}-{r['sharded_speedup_max']:.2f}" if "sharded_speedup_min" in r else "",
+         chunk(r, "sharded_chunked_speedup", ".2f") + ("x" if "sharded_chunked_speedup" in r else ""),
          f"{r['vmap_compile_s']:.1f}", f"{r['loop_compile_s']:.1f}"]
         for r in result["rows"]
     ]
     size = result["settings"].get("batch_size", 32)
+    devices = result["settings"].get("devices", 1)
     lines.append(markdown_table(["stage", "size", "pairs", "vmap pairs/s", "loop pairs/s", "vmap / loop",
-                                 "per round", f"vmap {size} at a time pairs/s", f"{size} at a time / loop", "vmap compile s", "loop compile s"], rows))
+                                 "per round", f"vmap {size} at a time pairs/s", f"{size} at a time / loop",
+                                 f"sharded over {devices} pairs/s", "sharded / loop", "sharded per round",
+                                 f"sharded, {size} at a time / loop", "vmap compile s", "loop compile s"], rows))
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +187,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32,
                         help="above this many pairs, also time them this many at a time (register_many's batch_size)")
+    parser.add_argument("--host-devices", type=int, default=os.cpu_count() or 1,
+                        help="on CPU, expose this many devices (default: the core count) for the sharded row; 1: none")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per count (each program once per round)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "population.json"))
     args = parser.parse_args(argv)
@@ -148,7 +199,8 @@ def main(argv=None):
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "code": code_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-        "settings": {"quick": args.quick, "size": size, "steps": steps, "counts": counts, "batch_size": args.batch_size, "rounds": args.rounds},
+        "settings": {"quick": args.quick, "size": size, "steps": steps, "counts": counts, "batch_size": args.batch_size, "rounds": args.rounds,
+                     "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "rows": [],
     }
     for stage in args.stage.split(","):

@@ -300,6 +300,26 @@ def population_section(result: dict, plots: Plots) -> list[str]:
         headers[at:at] = [f"{size} at a time pairs/s", f"{size} at a time ÷ loop"]
         for row, r in zip(table, rows):
             row[at:at] = [_f(r.get("chunked_pairs_per_s"), ".2f"), _f(r.get("chunked_speedup"), ".2f")]
+    if any("sharded_pairs_per_s" in r for r in rows):
+        devices = settings.get("devices", "?")
+        lines += [f"**sharded**: `register_many(stage, ..., devices={devices})`, the pairs split over {devices} devices; on CPU "
+                  f"each core is made a device with `XLA_FLAGS=--xla_force_host_platform_device_count={devices}` (set "
+                  "before JAX starts; the vmap and loop programs run on one device as without it), so that each core "
+                  "registers its own share of the pairs. **sharded per round** as **per round**, for sharded ÷ loop."
+                  + (f" Above {settings.get('batch_size')} pairs also with `batch_size={settings.get('batch_size')}`: "
+                     "each device maps over its own share." if any("sharded_chunked_speedup" in r for r in rows) else ""), ""]
+        at = headers.index("vmap compile s")
+        added = ["sharded pairs/s", "sharded ÷ loop", "sharded per round"]
+        chunked = any("sharded_chunked_speedup" in r for r in rows)
+        if chunked:
+            added.append(f"sharded, {settings.get('batch_size')} at a time ÷ loop")
+        headers[at:at] = added
+        for row, r in zip(table, rows):
+            cells = [_f(r.get("sharded_pairs_per_s"), ".2f"), _f(r.get("sharded_speedup"), ".2f"),
+                     f"{r['sharded_speedup_min']:.2f}–{r['sharded_speedup_max']:.2f}" if "sharded_speedup_min" in r else ""]
+            if chunked:
+                cells.append(_f(r.get("sharded_chunked_speedup"), ".2f"))
+            row[at:at] = cells
     lines += [markdown_table(headers, table), ""]
     if plots.plt is not None and rows:
         fig, ax = plots.figure(figsize=(4.2, 3.0))
@@ -308,12 +328,16 @@ def population_section(result: dict, plots: Plots) -> list[str]:
             pairs = [r["pairs"] for r in srows]
             ax.plot(pairs, [1.0 / r["vmap_pairs_per_s"] for r in srows], marker="o", color=f"C{i}", label=f"{stage} vmap")
             ax.plot(pairs, [1.0 / r["loop_pairs_per_s"] for r in srows], marker="s", ls="--", color=f"C{i}", label=f"{stage} loop")
+            sharded = [r for r in srows if "sharded_pairs_per_s" in r]
+            if sharded:
+                ax.plot([r["pairs"] for r in sharded], [1.0 / r["sharded_pairs_per_s"] for r in sharded], marker="^", ls=":",
+                        color=f"C{i}", label=f"{stage} sharded")
         _style(ax, "pairs", "seconds per pair", ylog=True)
         ax.set_xscale("log", base=2)
         counts = sorted({r["pairs"] for r in rows})
         ax.set_xticks(counts, [str(c) for c in counts])
         ax.legend(fontsize=6)
-        lines += [plots.save(fig, "population.png", "Population: seconds per pair vs number of pairs, vmap and loop"), ""]
+        lines += [plots.save(fig, "population.png", "Population: seconds per pair vs number of pairs, vmap, loop and sharded"), ""]
     return lines
 
 

@@ -45,6 +45,31 @@ def test_page_section_lists_the_per_round_spread_and_the_chunked_columns_in_orde
     assert "per round" not in header and header.endswith("| vmap compile s | loop compile s |")
 
 
+def test_page_section_adds_the_sharded_columns_before_the_compile_times():
+    result = {"settings": {"size": 96, "steps": 40, "rounds": 7, "batch_size": 32, "devices": 2},
+              "rows": [_row(1, speedup_min=0.9, speedup_max=1.1),
+                       _row(8, speedup_min=1.25, speedup_max=1.75, devices=2, sharded_pairs_per_s=14.0, sharded_speedup=1.75,
+                            sharded_speedup_min=1.5, sharded_speedup_max=2.0),
+                       _row(128, speedup_min=1.5, speedup_max=2.5, chunked_pairs_per_s=300.0, chunked_speedup=2.34, devices=2,
+                            sharded_pairs_per_s=400.0, sharded_speedup=3.13, sharded_speedup_min=2.5, sharded_speedup_max=3.5,
+                            sharded_chunked_speedup=3.5)]}
+    text = "\n".join(report.population_section(result, _NoPlots()))
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].endswith("| 32 at a time ÷ loop | sharded pairs/s | sharded ÷ loop | sharded per round | "
+                             "sharded, 32 at a time ÷ loop | vmap compile s | loop compile s |")
+    # One pair cannot be split over two devices: its sharded cells stay empty.
+    assert table[1] == "| svf | 1 | 2.00 | 1.00 | 2.00 | 0.90–1.10 |  |  |  |  |  |  | 3.0 | 0.1 |"
+    assert table[2] == "| svf | 8 | 16.00 | 8.00 | 2.00 | 1.25–1.75 |  |  | 14.00 | 1.75 | 1.50–2.00 |  | 3.0 | 0.1 |"
+    assert table[3].endswith("| 300.00 | 2.34 | 400.00 | 3.13 | 2.50–3.50 | 3.50 | 3.0 | 0.1 |")
+    assert "devices=2" in text and "xla_force_host_platform_device_count=2" in text
+
+
+def test_host_device_count_is_read_from_the_command_line_before_jax_starts():
+    assert population._host_devices_from(["--quick", "--host-devices", "3"]) == 3
+    assert population._host_devices_from(["--host-devices=1"]) == 1
+    assert population._host_devices_from(["--quick"]) == (os.cpu_count() or 1)
+
+
 def test_cpu_description_reads_the_first_processor_and_its_widest_vector_isa():
     from benchmarks import _timing
 
