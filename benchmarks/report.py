@@ -271,6 +271,12 @@ def pairwise_section(result: dict, plots: Plots) -> list[str]:
 # -------------------------------------------------------------------------- population
 
 
+def _sharded_batch_size(rows) -> str:
+    # Results written before the per-device chunk was recorded used the whole batch_size.
+    sizes = {r.get("sharded_batch_size") for r in rows if "sharded_chunked_speedup" in r}
+    return "/".join(str(s) for s in sorted(sizes, key=str)) if None not in sizes else "the same"
+
+
 def population_section(result: dict, plots: Plots) -> list[str]:
     settings = result.get("settings") or {}
     rows = result.get("rows") or []
@@ -306,13 +312,14 @@ def population_section(result: dict, plots: Plots) -> list[str]:
                   f"each core is made a device with `XLA_FLAGS=--xla_force_host_platform_device_count={devices}` (set "
                   "before JAX starts; the vmap and loop programs run on one device as without it), so that each core "
                   "registers its own share of the pairs. **sharded per round** as **per round**, for sharded ÷ loop."
-                  + (f" Above {settings.get('batch_size')} pairs also with `batch_size={settings.get('batch_size')}`: "
-                     "each device maps over its own share." if any("sharded_chunked_speedup" in r for r in rows) else ""), ""]
+                  + (f" Above {settings.get('batch_size')} pairs also {settings.get('batch_size')} pairs in flight: "
+                     f"`batch_size={_sharded_batch_size(rows)}`, each device mapping over its own share that many at a time."
+                     if any("sharded_chunked_speedup" in r for r in rows) else ""), ""]
         at = headers.index("vmap compile s")
         added = ["sharded pairs/s", "sharded ÷ loop", "sharded per round"]
         chunked = any("sharded_chunked_speedup" in r for r in rows)
         if chunked:
-            added.append(f"sharded, {settings.get('batch_size')} at a time ÷ loop")
+            added.append(f"sharded, {settings.get('batch_size')} in flight ÷ loop")
         headers[at:at] = added
         for row, r in zip(table, rows):
             cells = [_f(r.get("sharded_pairs_per_s"), ".2f"), _f(r.get("sharded_speedup"), ".2f"),

@@ -4,8 +4,13 @@ groupwise template building.
 A registration stage is a pure function of its images, so a batch of same-shape pairs
 is ``jax.vmap`` of the same call, compiled as one program. With several devices the
 batch axis is split across them with ``jax.sharding`` (each device registers its share
-of the pairs; nothing is communicated). On CPU, test with
-``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
+of the pairs; nothing is communicated).
+
+On a CPU, make each core a device: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+(set before JAX starts), then ``register_many(..., devices=N)``. XLA CPU runs one
+device's program on few threads when its arrays are small, so a vmapped batch on one
+device leaves cores idle that the sharded one uses (``docs/population.md`` has the
+numbers).
 """
 
 from __future__ import annotations

@@ -52,16 +52,16 @@ def test_page_section_adds_the_sharded_columns_before_the_compile_times():
                             sharded_speedup_min=1.5, sharded_speedup_max=2.0),
                        _row(128, speedup_min=1.5, speedup_max=2.5, chunked_pairs_per_s=300.0, chunked_speedup=2.34, devices=2,
                             sharded_pairs_per_s=400.0, sharded_speedup=3.13, sharded_speedup_min=2.5, sharded_speedup_max=3.5,
-                            sharded_chunked_speedup=3.5)]}
+                            sharded_batch_size=16, sharded_chunked_speedup=3.5)]}
     text = "\n".join(report.population_section(result, _NoPlots()))
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert table[0].endswith("| 32 at a time ÷ loop | sharded pairs/s | sharded ÷ loop | sharded per round | "
-                             "sharded, 32 at a time ÷ loop | vmap compile s | loop compile s |")
+                             "sharded, 32 in flight ÷ loop | vmap compile s | loop compile s |")
     # One pair cannot be split over two devices: its sharded cells stay empty.
     assert table[1] == "| svf | 1 | 2.00 | 1.00 | 2.00 | 0.90–1.10 |  |  |  |  |  |  | 3.0 | 0.1 |"
     assert table[2] == "| svf | 8 | 16.00 | 8.00 | 2.00 | 1.25–1.75 |  |  | 14.00 | 1.75 | 1.50–2.00 |  | 3.0 | 0.1 |"
     assert table[3].endswith("| 300.00 | 2.34 | 400.00 | 3.13 | 2.50–3.50 | 3.50 | 3.0 | 0.1 |")
-    assert "devices=2" in text and "xla_force_host_platform_device_count=2" in text
+    assert "devices=2" in text and "xla_force_host_platform_device_count=2" in text and "`batch_size=16`" in text
 
 
 def test_host_device_count_is_read_from_the_command_line_before_jax_starts():
