@@ -97,7 +97,14 @@ def _argument_key(args):
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             avals.append(fingerprint(leaf))  # a Python number passed as an argument
         else:
-            avals.append((tuple(leaf.shape), np.dtype(leaf.dtype).str, bool(getattr(leaf, "weak_type", False))))
+            aval = (tuple(leaf.shape), np.dtype(leaf.dtype).str, bool(getattr(leaf, "weak_type", False)))
+            # An executable is compiled for its inputs' placement: one split over several
+            # devices (register_many's devices=) is part of the key. The sharding has no
+            # name that holds in another process, so such a program is never kept on disk.
+            sharding = getattr(leaf, "sharding", None)
+            if sharding is not None and len(sharding.device_set) > 1:
+                aval += (sharding,)
+            avals.append(aval)
     return treedef, tuple(avals)
 
 

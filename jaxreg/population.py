@@ -98,56 +98,40 @@ def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, 
     def one(f, m):
         return stage(Image(f, grid.affine), Image(m, grid.affine), **options)
 
-    def run(f, m):
+    def batched(f, m):
         if batch_size is None or batch_size >= f.shape[0]:
             return jax.vmap(one)(f, m)
         return jax.lax.map(lambda pair: one(*pair), (f, m), batch_size=int(batch_size))
 
-    if devices is None:
-        if _programs.traced((fixed, moving)):
-            return run(fixed, moving)
-        program, _ = _programs.compiled(run, (fixed, moving))
-        return program(fixed, moving)
-    devices = _chosen_devices(devices)
-    if fixed.shape[0] % len(devices):
-        raise ValueError(f"{fixed.shape[0]} pairs cannot be split evenly over {len(devices)} devices")
-    device_ids = tuple(int(d.id) for d in devices)
+    run = batched
+    if devices is not None:
+        devices = _chosen_devices(devices)
+        if fixed.shape[0] % len(devices):
+            raise ValueError(f"{fixed.shape[0]} pairs cannot be split evenly over {len(devices)} devices")
+        device_ids = tuple(int(d.id) for d in devices)
 
-    def sharded(f, m):
-        # Each device runs ``run`` on its own pairs, so batch_size chunks each device's share
-        # (a lax.map under jit alone would run over the whole batch, replicated).
-        return jax.shard_map(run, mesh=_pairs_mesh(device_ids), in_specs=PartitionSpec("pairs"),
-                             out_specs=PartitionSpec("pairs"), check_vma=False)(f, m)
+        def sharded(f, m):
+            # Each device runs the batch on its own pairs, so batch_size chunks each device's
+            # share (a lax.map under jit alone would run over the whole batch, replicated).
+            return jax.shard_map(batched, mesh=_pairs_mesh(device_ids), in_specs=PartitionSpec("pairs"),
+                                 out_specs=PartitionSpec("pairs"), check_vma=False)(f, m)
+
+        run = sharded
 
     if _programs.traced((fixed, moving)):
-        return sharded(fixed, moving)
-    sharding = pair_sharding(devices)
-    fixed, moving = jax.device_put(fixed, sharding), jax.device_put(moving, sharding)
-    return _sharded_program(sharded, (fixed, moving), device_ids)(fixed, moving)
+        return run(fixed, moving)
+    if devices is not None:
+        sharding = pair_sharding(devices)
+        fixed, moving = jax.device_put(fixed, sharding), jax.device_put(moving, sharding)
+    program, _ = _programs.compiled(run, (fixed, moving))
+    return program(fixed, moving)
 
 
 def _pairs_mesh(device_ids: tuple[int, ...]) -> Mesh:
+    # Built from device ids inside the program, so that the closure that holds them has a
+    # fingerprint and the program is kept (a Mesh of Device objects has none).
     by_id = {d.id: d for d in jax.devices()}
     return Mesh(np.asarray([by_id[i] for i in device_ids]), ("pairs",))
-
-
-# Sharded programs kept for the next call with equal settings, shapes and devices (a
-# template iteration): jax.jit of the closure made afresh per call traced and compiled
-# again every time. Apart from _programs, whose keys hold no shardings.
-_SHARDED_PROGRAMS: dict = {}
-_MAX_SHARDED_PROGRAMS = 16
-
-
-def _sharded_program(fn: Callable, args: tuple, device_ids: tuple[int, ...]):
-    key = _programs.program_key(fn, args)
-    if key is None:
-        return jax.jit(fn)
-    key = key + (device_ids,)
-    if key not in _SHARDED_PROGRAMS:
-        if len(_SHARDED_PROGRAMS) >= _MAX_SHARDED_PROGRAMS:
-            _SHARDED_PROGRAMS.pop(next(iter(_SHARDED_PROGRAMS)))
-        _SHARDED_PROGRAMS[key] = jax.jit(fn).lower(*args).compile()
-    return _SHARDED_PROGRAMS[key]
 
 
 def _sharpen(image, amount: float, ndim: int):
