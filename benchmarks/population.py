@@ -27,14 +27,17 @@ import sys
 import time
 
 
+def _host_devices_parser() -> argparse.ArgumentParser:
+    # Shared with main's parser, which takes it as a parent: the option is read once before
+    # JAX starts (the flag works only then) and again, the same way, with the rest.
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--host-devices", type=int, default=os.cpu_count() or 1,
+                        help="on CPU, expose this many devices (default: the core count) for the sharded row; 1: none")
+    return parser
+
 
 def _host_devices_from(argv) -> int:
-    for i, arg in enumerate(argv):
-        if arg == "--host-devices" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--host-devices="):
-            return int(arg.split("=", 1)[1])
-    return os.cpu_count() or 1
+    return _host_devices_parser().parse_known_args(argv)[0].host_devices
 
 
 if __name__ == "__main__":
@@ -86,6 +89,10 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
         return field.field
 
     devices = jax.device_count()
+    # Sharded in chunks: as many pairs in flight as the one-device chunks, batch_size / devices
+    # on each device: 32 a device outgrew the cache (128 svf pairs, 2 devices: 99 pairs/s
+    # against 105-106 with 16 or 8 a device).
+    per_device = max(1, batch_size // devices)
     rows = []
     for n in counts:
         fixed, moving = make_batch(n, size)
@@ -110,10 +117,6 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
             on_devices = (jax.device_put(fixed, sharding), jax.device_put(moving, sharding))
             programs["sharded"] = lambda: register_many(stage, *on_devices, devices=devices, **options)
             if n > batch_size:
-                # As many pairs in flight as the one-device chunks, batch_size / devices on each
-                # device: 32 a device outgrew the cache (128 svf pairs, 2 devices: 99 pairs/s
-                # against 105-106 with 16 or 8 a device).
-                per_device = max(1, batch_size // devices)
                 programs["sharded_chunked"] = lambda: register_many(stage, *on_devices, devices=devices, batch_size=per_device, **options)
         first_call_s = {}
         for name, program in programs.items():  # warm-up; register_many compiles in its first call
@@ -134,7 +137,7 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
                          sharded_speedup_min=per_round["speedup_min"], sharded_speedup_max=per_round["speedup_max"],
                          sharded_compile_s=first_call_s["sharded"] - times["sharded"])
         if "sharded_chunked" in times:
-            extra.update(sharded_batch_size=max(1, batch_size // devices), sharded_chunked_pairs_per_s=n / times["sharded_chunked"],
+            extra.update(sharded_batch_size=per_device, sharded_chunked_pairs_per_s=n / times["sharded_chunked"],
                          sharded_chunked_speedup=loop_s / times["sharded_chunked"])
         rows.append(
             dict(
@@ -184,15 +187,13 @@ def render(result: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[_host_devices_parser()])
     parser.add_argument("--quick", action="store_true", help="1 and 8 pairs, 48^2, few steps")
     parser.add_argument("--large", action="store_true", help="also 128 pairs (about 10 more minutes on 2 cores)")
     parser.add_argument("--stage", default="svf,greedy")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32,
                         help="above this many pairs, also time them this many at a time (register_many's batch_size)")
-    parser.add_argument("--host-devices", type=int, default=os.cpu_count() or 1,
-                        help="on CPU, expose this many devices (default: the core count) for the sharded row; 1: none")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per count (each program once per round)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "population.json"))
     args = parser.parse_args(argv)

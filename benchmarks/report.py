@@ -308,16 +308,16 @@ def population_section(result: dict, plots: Plots) -> list[str]:
             row[at:at] = [_f(r.get("chunked_pairs_per_s"), ".2f"), _f(r.get("chunked_speedup"), ".2f")]
     if any("sharded_pairs_per_s" in r for r in rows):
         devices = settings.get("devices", "?")
+        chunked = any("sharded_chunked_speedup" in r for r in rows)
         lines += [f"**sharded**: `register_many(stage, ..., devices={devices})`, the pairs split over {devices} devices; on CPU "
                   f"each core is made a device with `XLA_FLAGS=--xla_force_host_platform_device_count={devices}` (set "
                   "before JAX starts; the vmap and loop programs run on one device as without it), so that each core "
                   "registers its own share of the pairs. **sharded per round** as **per round**, for sharded ÷ loop."
                   + (f" Above {settings.get('batch_size')} pairs also {settings.get('batch_size')} pairs in flight: "
                      f"`batch_size={_sharded_batch_size(rows)}`, each device mapping over its own share that many at a time."
-                     if any("sharded_chunked_speedup" in r for r in rows) else ""), ""]
+                     if chunked else ""), ""]
         at = headers.index("vmap compile s")
         added = ["sharded pairs/s", "sharded ÷ loop", "sharded per round"]
-        chunked = any("sharded_chunked_speedup" in r for r in rows)
         if chunked:
             added.append(f"sharded, {settings.get('batch_size')} in flight ÷ loop")
         headers[at:at] = added
