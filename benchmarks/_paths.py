@@ -11,7 +11,9 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+# ../shared/data beside the checkout, or where JAXREG_SHARED_DATA says (as for the tests
+# and examples): on a machine that gets the repository alone, the data travel inside it.
+SHARED_DATA = os.environ.get("JAXREG_SHARED_DATA") or os.path.join(os.path.dirname(REPO), "shared", "data")
 RESULTS = os.path.join(HERE, "results")
 
 

@@ -1,7 +1,8 @@
 """Shared benchmark helpers: one timing protocol for JAX, torch and numpy/scipy callables.
 
 Protocol: ``warmup`` untimed calls, then ``n`` timed calls, each ended by blocking on its
-result (``block_until_ready`` on every JAX array; torch and numpy on CPU are synchronous).
+result (``block_until_ready`` on every JAX array, ``torch.cuda.synchronize`` where a result
+is a CUDA tensor; torch and numpy on CPU are synchronous).
 JAX functions are compiled ahead of time (``jax.jit(f).lower(*args).compile()``), and
 that is timed separately as the compile time, tracing included.
 """
@@ -32,9 +33,56 @@ class Timing:
 
 
 def block(out):
-    """Wait until every JAX array in ``out`` is computed; other leaves pass through."""
-    jax.tree_util.tree_map(lambda a: a.block_until_ready() if isinstance(a, jax.Array) else a, out)
+    """Wait until every JAX array and CUDA tensor in ``out`` is computed; other leaves pass
+    through. torch queues CUDA kernels and returns at once, so a timed call that did not
+    synchronise would measure the queueing only."""
+    cuda = []
+
+    def wait(a):
+        if isinstance(a, jax.Array):
+            a.block_until_ready()
+        elif getattr(a, "is_cuda", False) is True:
+            cuda.append(a.device)
+        return a
+
+    # Tuples and lists of tensors are pytrees; a tensor itself is a leaf.
+    jax.tree_util.tree_map(wait, out)
+    if cuda:
+        sys.modules["torch"].cuda.synchronize(cuda[0])
     return out
+
+
+def torch_device(choice: str = "auto") -> str:
+    """The device torch peers run on: ``'cuda'`` for ``'auto'`` where torch sees a GPU,
+    else ``'cpu'``; ``'cuda'`` asked for where there is none is an error, not a silent CPU
+    run."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"torch device must be auto, cpu or cuda; got {choice!r}")
+    torch = sys.modules.get("torch")
+    if torch is None:
+        try:
+            import torch
+        except ImportError:
+            return "cpu"
+    available = bool(torch.cuda.is_available())
+    if choice == "cuda" and not available:
+        raise ValueError("--torch-device cuda: torch sees no CUDA device here")
+    return "cuda" if choice == "cuda" or (choice == "auto" and available) else "cpu"
+
+
+def accelerator() -> str | None:
+    """The accelerator JAX computes on (``'NVIDIA H200'``), or None on a CPU backend; for
+    result file names and the machine line."""
+    if jax.default_backend() == "cpu":
+        return None
+    return jax.devices()[0].device_kind
+
+
+def results_suffix() -> str:
+    """``'-gpu'`` where JAX runs on a GPU (``'-tpu'``, ...), else ``''``: a suite run there writes
+    ``kernels-gpu.json`` beside the CPU run's ``kernels.json`` instead of replacing it."""
+    backend = jax.default_backend()
+    return "" if backend == "cpu" else f"-{backend}"
 
 
 def time_calls(fn, n: int, warmup: int = 1):
@@ -112,6 +160,23 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 3) -> dict:
     }
 
 
+def device_bandwidth(megabytes: int = 1024, repeats: int = 5) -> dict | None:
+    """Where JAX computes on an accelerator, its memory bandwidth as a jitted ``x * 2`` of a
+    ``megabytes`` float32 array sees it (``2 * nbytes / best time``); None on the CPU
+    backend, whose bandwidth :func:`memory_bandwidth` gives."""
+    if jax.default_backend() == "cpu":
+        return None
+    x = jax.numpy.ones(megabytes * 2**20 // 4, jax.numpy.float32)
+    double = jax.jit(lambda a: a * 2.0)
+    best = min(time_calls(lambda: double(x), repeats, warmup=2)[0].times_s)
+    return {
+        "gb_per_s": 2 * x.nbytes / best / 1e9,
+        "device": accelerator(),
+        "method": f"jitted x * 2 of a {megabytes} MiB float32 array on {accelerator()}, best of {repeats}; "
+        "GB/s = 2 * nbytes / time",
+    }
+
+
 _DISPATCH_PROBE = r"""
 import json, sys, time
 import jax
@@ -145,7 +210,10 @@ def dispatch_floor() -> dict:
     asynchronous CPU dispatch (the default: the program runs on another thread, which the
     caller wakes and waits for) and without it (``jax_cpu_enable_async_dispatch=False``:
     it runs on the calling thread, as torch's eager calls do). Each in a fresh process,
-    since the setting is read when the CPU client starts."""
+    since the setting is read when the CPU client starts. None where JAX computes on an
+    accelerator: the probe measures the CPU client."""
+    if jax.default_backend() != "cpu":
+        return None
     result = {"method": "median of 400 calls each ended by block_until_ready, one fresh process per mode"}
     for mode in ("async", "sync"):
         try:
@@ -224,6 +292,10 @@ def machine_info() -> dict:
             info[module] = __import__(module).__version__
         except ImportError:
             info[module] = None
+    info["jax_device_kind"] = accelerator()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        info["torch_cuda_device"] = torch.cuda.get_device_name(0)
     return info
 
 
@@ -236,7 +308,12 @@ def code_version(repo: str) -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", "--", "jaxreg").splitlines()}
+    commit = git("rev-parse", "HEAD")
+    if not commit and os.environ.get("JAXREG_COMMIT"):
+        # A copy of the working tree without its .git (a GPU machine's): the commit it was
+        # copied at, as the one who sent it says (benchmarks/device_run.sh).
+        return {"commit": os.environ["JAXREG_COMMIT"], "uncommitted": [], "commit_from": "JAXREG_COMMIT"}
+    return {"commit": commit, "uncommitted": git("status", "--porcelain", "--", "jaxreg").splitlines()}
 
 
 def code_line(result: dict, *, total: bool = True) -> str:

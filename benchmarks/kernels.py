@@ -42,7 +42,10 @@ from benchmarks._timing import (
     machine_info,
     markdown_table,
     memory_bandwidth,
+    device_bandwidth,
+    results_suffix,
     time_in_rounds,
+    torch_device,
     write_atomic,
 )
 from jaxreg import filters
@@ -122,9 +125,18 @@ def field_of(shape, seed=1):
 
 # ---------------------------------------------------------------------------- torch layout
 
+#: Where the torch peers run: set by ``main`` from ``--torch-device`` (a GPU where torch sees
+#: one, unless told otherwise).
+TORCH_DEVICE = "cpu"
+
 
 def t_(x):
-    return torch.from_numpy(np.array(x, np.float32))  # a writable, contiguous copy
+    return torch.from_numpy(np.array(x, np.float32)).to(TORCH_DEVICE)  # a writable, contiguous copy
+
+
+def t_np(tensor):
+    """A torch result as a numpy array, from whichever device it is on."""
+    return tensor.detach().cpu().numpy()
 
 
 def t_scale(shape):
@@ -138,7 +150,7 @@ def t_grid(coords):
 
 def t_grad_to_index(grad):
     """grid_sample grid gradient -> gradient w.r.t. index coordinates ``(..., d)``."""
-    g = grad[0].numpy()[..., ::-1]
+    g = t_np(grad[0])[..., ::-1]
     return g * t_scale(g.shape[:-1])
 
 
@@ -148,13 +160,13 @@ def t_first(field):
 
 
 def t_last(field):
-    return np.moveaxis(field[0].numpy(), 0, -1)
+    return np.moveaxis(t_np(field[0]), 0, -1)
 
 
 def t_sample_field(field, index, padding):
     """Sample a channels-first field at channels-first index coordinates (voxelmorph style)."""
     d = index.shape[1]
-    scale = torch.from_numpy(t_scale(index.shape[2:])).view(1, d, *[1] * d)
+    scale = torch.from_numpy(t_scale(index.shape[2:])).to(index.device).view(1, d, *[1] * d)
     grid = (index * scale - 1.0).permute(0, *range(2, d + 2), 1).flip(-1)
     return F.grid_sample(field, grid, mode="bilinear", padding_mode=padding, align_corners=True)
 
@@ -166,7 +178,7 @@ def t_box(x, radius):
     for axis in range(d):
         shape, pad = [1] * d, [0] * d
         shape[axis], pad[axis] = 2 * radius + 1, radius
-        x = conv(x, torch.ones(channels, 1, *shape), padding=tuple(pad), groups=channels)
+        x = conv(x, torch.ones(channels, 1, *shape, device=x.device), padding=tuple(pad), groups=channels)
     return x
 
 
@@ -221,7 +233,7 @@ def warp_cases(shape, grad):
         run = lambda: F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # noqa: E731
         if grad:
             return torch_backward(grid, lambda: run().square().mean(), t_grad_to_index)
-        return torch_forward(run, lambda out: out[0, 0].numpy())
+        return torch_forward(run, lambda out: t_np(out[0, 0]))
 
     def sitk_case():
         need(sitk, "SimpleITK")
@@ -335,7 +347,7 @@ def smooth_cases(shape):
 
     def torch_case():
         need(torch, "torch")
-        taps = torch.from_numpy(filters.gaussian_kernel_1d(2.0).astype(np.float32))
+        taps = t_(filters.gaussian_kernel_1d(2.0))
         r, d, x = (len(taps) - 1) // 2, len(shape), t_(image)[None, None]
 
         def run():
@@ -346,7 +358,7 @@ def smooth_cases(shape):
                 y = F.conv3d(y, taps.view(1, 1, *view))
             return y
 
-        return torch_forward(run, lambda out: out[0, 0].numpy())
+        return torch_forward(run, lambda out: t_np(out[0, 0]))
 
     def sitk_discrete():
         need(sitk, "SimpleITK")
@@ -390,7 +402,7 @@ def lncc_cases(shape):
             cov = s[5] * inv - mean_x * mean_y
             return 1.0 - ((cov + eps) / torch.sqrt((var_x + eps) * (var_y + eps))).mean()
 
-        return torch_backward(ta, loss, lambda g: g.numpy())
+        return torch_backward(ta, loss, t_np)
 
     return None, [
         ("jaxreg", lambda: jax_case(jax.grad(lncc(radius=radius, eps=eps)), a, b)),
@@ -411,7 +423,7 @@ def mi_cases(shape):
     def torch_case():
         need(torch, "torch")
         ta, tb = t_(a), t_(b)
-        centres = (torch.arange(bins, dtype=torch.float32) + 0.5) / bins
+        centres = (torch.arange(bins, dtype=torch.float32, device=TORCH_DEVICE) + 0.5) / bins
 
         def memberships(x):
             lo, hi = x.detach().min(), x.detach().max()
@@ -425,7 +437,7 @@ def mi_cases(shape):
             joint = memberships(ta).T @ memberships(tb) / ta.numel()
             return entropy(joint) - entropy(joint.sum(1)) - entropy(joint.sum(0))
 
-        return (*torch_backward(ta, loss, lambda g: g.numpy()),
+        return (*torch_backward(ta, loss, t_np),
                 "textbook softmax + autograd; jaxreg: weights relative to the nearest centre, closed-form derivative")
 
     return None, [
@@ -442,7 +454,8 @@ def conv_cases(shape):
     of sum(out**2) w.r.t. input and weights. jaxreg's networks (flax ``nnx.Conv``) call
     ``jaxreg.nn.conv.conv_general_dilated``, which on CPU runs a 3-D convolution as a 2-D
     one over depth-stacked channels; XLA's own 3-D convolution is the jax row; torch's
-    ``conv3d`` runs oneDNN."""
+    ``conv3d`` runs oneDNN, on its default NCDHW layout (as torch networks, icon's among
+    them, hold their activations) and on ``channels_last_3d``, which picks other kernels."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((CONV_BATCH, *shape, CONV_IN)).astype(np.float32)
     w = (rng.standard_normal((3, 3, 3, CONV_IN, CONV_OUT)) * 0.1).astype(np.float32)
@@ -456,10 +469,16 @@ def conv_cases(shape):
 
     ours, theirs = gradients(jaxreg_conv.conv_general_dilated), gradients(jax.lax.conv_general_dilated)
 
-    def torch_case():
+    def torch_case(channels_last=False):
         need(torch, "torch")
-        tx = torch.tensor(np.moveaxis(x, -1, 1).copy(), requires_grad=True)
-        tw = torch.tensor(np.transpose(w, (4, 3, 0, 1, 2)).copy(), requires_grad=True)
+        # Contiguous NCDHW, torch's default layout (np.array of a transposed view would keep
+        # the view's memory order, channels last, and with it oneDNN's other kernels).
+        tx = t_(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
+        tw = t_(np.ascontiguousarray(np.transpose(w, (4, 3, 0, 1, 2))))
+        if channels_last:
+            tx, tw = tx.to(memory_format=torch.channels_last_3d), tw.to(memory_format=torch.channels_last_3d)
+        tx.requires_grad_(True)
+        tw.requires_grad_(True)
 
         def run():
             tx.grad, tw.grad = None, None
@@ -468,7 +487,7 @@ def conv_cases(shape):
 
         def convert(grads):
             gx, gw = grads
-            return np.concatenate([np.moveaxis(gx.numpy(), 1, -1).ravel(), np.transpose(gw.numpy(), (2, 3, 4, 1, 0)).ravel()])
+            return np.concatenate([np.moveaxis(t_np(gx), 1, -1).ravel(), np.transpose(t_np(gw), (2, 3, 4, 1, 0)).ravel()])
 
         return ("eager", run, (), convert)
 
@@ -477,6 +496,7 @@ def conv_cases(shape):
         ("jaxreg", lambda: jax_case(ours, x, w, convert=flat)),
         ("lax conv_general_dilated (3-D)", lambda: jax_case(theirs, x, w, convert=flat)),
         ("torch conv3d", torch_case),
+        ("torch conv3d, channels_last_3d", lambda: torch_case(channels_last=True)),
     ]
 
 
@@ -569,14 +589,21 @@ def render(result) -> str:
         ]
         for r in result["rows"]
     ]
-    m, bw = result["machine"], result["memory_bandwidth"]
+    m, bw, device_bw = result["machine"], result["memory_bandwidth"], result.get("device_bandwidth")
+    torch_on = result["settings"].get("torch_device") or "cpu"
+    if torch_on == "cuda" and m.get("torch_cuda_device"):
+        torch_on += f" ({m['torch_cuda_device']})"
+    accelerator = f" ({m['jax_device_kind']})" if m.get("jax_device_kind") else ""
     return "\n".join([
         f"# Kernel benchmarks ({'quick' if result['settings']['quick'] else 'full'})",
         "",
         f"- machine: {cpu_label(m)} ({m['machine']}), os.cpu_count() = {m['cpu_count']}, "
-        f"jax {m['jax']} on {', '.join(m['jax_devices'])}, torch {m['torch']}, scipy {m['scipy']}, SimpleITK {m.get('SimpleITK')}; {result['started']}",
+        f"jax {m['jax']} on {', '.join(m['jax_devices'])}{accelerator}, torch {m['torch']} on {torch_on}, "
+        f"scipy {m['scipy']}, SimpleITK {m.get('SimpleITK')}; {result['started']}",
         code_line(result, total=False),
         f"- memory bandwidth: {bw['gb_per_s']:.1f} GB/s ({bw['method']})",
+        *([f"- device memory bandwidth: {device_bw['gb_per_s']:.0f} GB/s ({device_bw['method']}); the GB/s column "
+           "of JAX rows compares with this, scipy's and SimpleITK's run on the CPU"] if device_bw else []),
         *[f"- {text}" for text in [dispatch_text(result.get("dispatch"))] if text],
         f"- {WARP_BYTES}",
         f"- data: {DATA}",
@@ -598,8 +625,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two smallest sizes per kernel, N=3")
     parser.add_argument("--only", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.json"))
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/kernels.json; "
+                        "kernels-gpu.json where JAX computes on a GPU)")
+    parser.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the torch peers run (auto: the GPU where torch sees one)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels{results_suffix()}.json")
+    global TORCH_DEVICE
+    TORCH_DEVICE = torch_device(args.torch_device) if torch is not None else "cpu"
     only = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = sorted(set(only) - set(KERNELS))
     if unknown:
@@ -616,9 +650,11 @@ def main(argv=None):
         "code": code_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
         "load_average_start": os.getloadavg(),
         "memory_bandwidth": memory_bandwidth(),
+        "device_bandwidth": device_bandwidth(),
         "dispatch": dispatch_floor(),
         "settings": {"quick": args.quick, "kernels": only, "data": DATA, "warp_bytes": WARP_BYTES, "timing": "rotated rounds",
                      "torch_threads": torch.get_num_threads() if torch is not None else None,
+                     "torch_device": TORCH_DEVICE if torch is not None else None,
                      "simpleitk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None},
         "rows": [],
     }

@@ -26,8 +26,8 @@ time, so wall time and peak memory are its own and a crashing peer costs one row
 - ``ants-syn``: ``ants.registration(fixed, moving, type_of_transform="SyN")``,
   ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` = cores, ``ANTS_RANDOM_SEED=1``.
 - ``ants-affine``: the same with ``type_of_transform="Affine"`` (reference only).
-- ``fireants``: FireANTs ``AffineRegistration`` then ``GreedyRegistration`` on the CPU
-  (torch threads = cores), skipped with the reason when ``import fireants`` fails. It is
+- ``fireants``: FireANTs ``AffineRegistration`` then ``GreedyRegistration`` on the GPU where
+  torch sees one, else on the CPU (``--torch-device``; torch threads = cores), skipped with the reason when ``import fireants`` fails. It is
   ``pip install fireants`` (pure Python; it adds SimpleITK 2.2.1, hydra-core, omegaconf and
   tqdm, and no CUDA when a CPU torch is installed), or put a ``pip install --target DIR``
   folder on ``PYTHONPATH``.
@@ -195,6 +195,7 @@ def _worker_jaxreg(spec, data):
         stages=list(result.stages),
         settings=dict(preset=preset, overrides=options, persistent_cache=cache or None),
         versions=dict(jax=jax.__version__),
+        device=jax.devices()[0].device_kind,
     )
 
 
@@ -268,6 +269,8 @@ def _worker_fireants(spec, data):
     except Exception as e:  # ImportError, or a dependency that fails on import
         raise Skip(f"import fireants failed: {type(e).__name__}: {e}") from None
     torch.set_num_threads(spec["threads"])
+    asked = spec.get("torch_device", "cpu")
+    device = "cuda" if asked == "cuda" or (asked == "auto" and torch.cuda.is_available()) else "cpu"
 
     def itk(array, affine):
         origin, spacing, direction = _lps_geometry(affine)
@@ -277,8 +280,8 @@ def _worker_fireants(spec, data):
         img.SetDirection([float(v) for v in direction.ravel()])
         return img
 
-    fixed = BatchedImages([FireImage(itk(data["fixed"], data["fixed_affine"]), device="cpu")])
-    moving = BatchedImages([FireImage(itk(data["moving"], data["moving_affine"]), device="cpu")])
+    fixed = BatchedImages([FireImage(itk(data["fixed"], data["fixed_affine"]), device=device)])
+    moving = BatchedImages([FireImage(itk(data["moving"], data["moving_affine"]), device=device)])
     affine_cfg, greedy_cfg = dict(FIREANTS["affine"]), dict(FIREANTS["greedy"])
     if spec["quick"]:
         affine_cfg["iterations"], greedy_cfg["iterations"] = FIREANTS_QUICK["affine_iterations"], FIREANTS_QUICK["greedy_iterations"]
@@ -295,7 +298,10 @@ def _worker_fireants(spec, data):
     with torch.no_grad():
         coords = greedy.get_warped_coordinates(fixed, moving)
         moved = greedy.evaluate(fixed, moving)
+    if device == "cuda":
+        torch.cuda.synchronize()  # CUDA kernels run after the call returns: the clock waits for them
     wall = time.perf_counter() - start
+    coords = coords.cpu()
     peak = _max_rss_mib()
 
     outputs = {"warped": np.ascontiguousarray(moved[0, 0].cpu().numpy().T).astype(np.float32)}
@@ -324,7 +330,8 @@ def _worker_fireants(spec, data):
         peak_rss_mib=peak,
         settings=dict(affine={**FIREANTS["affine"], "loss_type": affine_loss, **({"iterations": FIREANTS_QUICK["affine_iterations"]} if spec["quick"] else {})},
                       greedy={**FIREANTS["greedy"], **({"iterations": FIREANTS_QUICK["greedy_iterations"]} if spec["quick"] else {})},
-                      torch_threads=torch.get_num_threads(), device="cpu"),
+                      torch_threads=torch.get_num_threads(), device=device,
+                      cuda_device=torch.cuda.get_device_name(0) if device == "cuda" else None),
         versions=versions,
     )
 
@@ -608,7 +615,7 @@ def method_spec(method: str, pair: Pair, inputs: str, quick: bool, threads: int)
 
 
 def run_method(method, pair, inputs, folder, args, threads):
-    spec = method_spec(method, pair, inputs, args.quick, threads)
+    spec = dict(method_spec(method, pair, inputs, args.quick, threads), torch_device=args.torch_device)
     env = method_env(method, threads)
     if method != "jaxreg-cached":
         return run_worker(spec, folder, args.timeout, env)
@@ -810,6 +817,9 @@ def render(result) -> str:
         f"(os.cpu_count() = {m['cpu_count']}), {m.get('mem_total_gib', '?')} GiB RAM; {result['started']}",
         f"- software: jax {m['jax']} (jaxlib {m['jaxlib']}, {', '.join(m['jax_devices'])}), antspyx {m['antspyx']}, "
         f"fireants {m['fireants']}, syntx {m.get('syntx')}, torch {m['torch']}, python {m['python']}",
+        *([f"- accelerators: JAX (jaxreg) on {m.get('jax_device_kind') or 'the CPU'}; FireANTs on "
+           f"{m['torch_cuda_device'] if result['settings'].get('torch_device') != 'cpu' and m.get('torch_cuda_device') else 'the CPU'}; "
+           "ANTs on the CPU"] if m.get("jax_device_kind") or m.get("torch_cuda_device") else []),
         code_line(result),
         f"- inputs: {result['settings']['inputs']}",
         "- protocol: each method runs alone in a fresh process (`--worker`). **wall s**: the registration call only "
@@ -965,6 +975,9 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=None, help="seconds per method run (default 7200, quick 1200)")
     parser.add_argument("--threads", type=int, default=None, help="threads for ANTs/FireANTs (default: cores available)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (inputs, outputs, logs, transforms)")
+    parser.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where FireANTs runs (auto: the GPU where torch sees one)")
+    parser.add_argument("--tag", default="", help="results file suffix: --tag gpu writes pairwise-gpu.json and .md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -989,7 +1002,7 @@ def main(argv=None):
         "load_average_start": os.getloadavg(),
         "settings": {
             "quick": args.quick, "cases": args.only, "methods": args.methods, "reference": REFERENCE,
-            "hd95": not args.no_hd95, "timeout_s": args.timeout, "threads": threads,
+            "hd95": not args.no_hd95, "timeout_s": args.timeout, "threads": threads, "torch_device": args.torch_device,
             "inputs": (f"downsampled by {QUICK_FACTOR} (Gaussian sigma {QUICK_FACTOR / 2} voxels, then every "
                        f"{QUICK_FACTOR}nd voxel; labels every {QUICK_FACTOR}nd voxel); jaxreg steps halved, "
                        f"ANTs {ANTS_QUICK}, FireANTs {FIREANTS_QUICK}, syntx {SYNTX_QUICK}") if args.quick else "full resolution, default settings",
@@ -999,7 +1012,8 @@ def main(argv=None):
         "cases": [],
     }
     os.makedirs(args.out, exist_ok=True)
-    json_path, md_path = os.path.join(args.out, "pairwise.json"), os.path.join(args.out, "pairwise.md")
+    stem = "pairwise" + (f"-{args.tag}" if args.tag else "")
+    json_path, md_path = os.path.join(args.out, f"{stem}.json"), os.path.join(args.out, f"{stem}.md")
     skipped_methods = {}
     with work_folder("jaxreg-pairwise-", keep=args.keep) as workdir:
         for case in args.only:

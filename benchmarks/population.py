@@ -52,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import block, code_version, cpu_label, machine_info, markdown_table, time_in_rounds, write_atomic  # noqa: E402
+from _timing import block, code_version, cpu_label, machine_info, markdown_table, results_suffix, time_in_rounds, write_atomic  # noqa: E402
 
 from jaxreg import synthetic  # noqa: E402
 from jaxreg.population import pair_sharding, register_many  # noqa: E402
@@ -195,8 +195,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32,
                         help="above this many pairs, also time them this many at a time (register_many's batch_size)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per count (each program once per round)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "population.json"))
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/population.json; "
+                        "population-gpu.json where JAX computes on a GPU)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"population{results_suffix()}.json")
     counts = (1, 8) if args.quick else (1, 8, 32, 128) if args.large else (1, 8, 32)
     size = 48 if args.quick else args.size
     steps = 10 if args.quick else 40

@@ -72,10 +72,14 @@ def machine_line(result: dict) -> str:
     if m.get("mem_total_gib"):
         parts.append(f"{m['mem_total_gib']} GiB RAM")
     devices = ", ".join(m.get("jax_devices") or []) or "?"
+    if m.get("jax_device_kind"):
+        devices += f" ({m['jax_device_kind']})"
     software = [f"jax {m.get('jax', '?')} on {devices}"]
     for name in ("torch", "scipy", "SimpleITK", "antspyx", "fireants", "icon_registration"):
         if m.get(name):
             software.append(f"{name} {m[name]}")
+    if m.get("torch_cuda_device"):
+        software.append(f"torch's GPU {m['torch_cuda_device']}")
     code = result.get("code") or {}
     commit = (code.get("commit") or "")[:10]
     text = f"{', '.join(parts)}; {', '.join(software)}"

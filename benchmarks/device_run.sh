@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run one benchmark suite on a GPU machine that received the repository and .device/ from
+# benchmarks/device_prepare.sh (benchmarks/README.md, "On a GPU machine"): the carried wheels
+# are installed beside the image's own JAX (CUDA) and torch, JAX and torch compute on the GPU,
+# and the results go to $OUT (else benchmarks/results) as <suite>-gpu.json and .md.
+#
+#   bash benchmarks/device_run.sh kernels|population|pairwise [more options for the suite]
+#
+# TORCH_DEVICE=cpu runs the torch peers on the CPU: for a dry run on a machine without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+suite=${1:?usage: device_run.sh kernels|population|pairwise [options]}
+shift
+torch_device=${TORCH_DEVICE:-cuda}
+wheels=.device/core
+[ "$suite" = pairwise ] && wheels=.device/pairwise
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAXREG_SHARED_DATA=$PWD/.device/data
+[ -f "$wheels/COMMIT" ] && export JAXREG_COMMIT=$(cat "$wheels/COMMIT")
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/$suite-gpu-device.txt" 2>&1
+python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_available())"
+case $suite in
+  kernels) python3 benchmarks/kernels.py --torch-device "$torch_device" --out "$out/kernels-gpu.json" "$@" ;;
+  population) python3 benchmarks/population.py --large --host-devices 1 --out "$out/population-gpu.json" "$@" ;;
+  pairwise) python3 benchmarks/pairwise.py --only oasis3d --methods jaxreg,jaxreg-cached,fireants --torch-device "$torch_device" \
+              --tag gpu --out "$out" "$@" ;;
+  *) echo "unknown suite $suite: kernels, population or pairwise" >&2; exit 2 ;;
+esac

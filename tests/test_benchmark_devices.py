@@ -1,0 +1,84 @@
+"""The benchmarks' GPU plumbing, checked on the CPU: CUDA results are waited for before the
+clock stops, torch peers go where asked, GPU runs write their own result files."""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import _timing, kernels
+
+
+class _FakeCudaTensor:
+    is_cuda = True
+
+    def __init__(self, device):
+        self.device = device
+
+
+def _fake_torch(monkeypatch, *, available: bool):
+    synchronized = []
+    cuda = types.SimpleNamespace(is_available=lambda: available, synchronize=synchronized.append,
+                                 get_device_name=lambda index=0: "Fake GPU")
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    return synchronized
+
+
+def test_block_waits_for_cuda_results_once_and_for_nothing_else(monkeypatch):
+    synchronized = _fake_torch(monkeypatch, available=True)
+    jax_array = jax.numpy.ones(3)
+    out = (jax_array, [_FakeCudaTensor("cuda:0"), _FakeCudaTensor("cuda:0")], np.ones(2))
+    assert _timing.block(out) is out
+    assert synchronized == ["cuda:0"]  # one synchronisation covers every queued kernel
+    _timing.block((jax_array, np.ones(2), None, types.SimpleNamespace(is_cuda=False)))
+    assert synchronized == ["cuda:0"]
+
+
+def test_torch_device_follows_the_choice_and_refuses_a_missing_gpu(monkeypatch):
+    _fake_torch(monkeypatch, available=False)
+    assert _timing.torch_device("auto") == "cpu" and _timing.torch_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        _timing.torch_device("cuda")
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        _timing.torch_device("gpu")
+    _fake_torch(monkeypatch, available=True)
+    assert _timing.torch_device("auto") == "cuda" and _timing.torch_device("cpu") == "cpu"
+
+
+def test_results_of_a_gpu_run_get_their_own_file_name(monkeypatch):
+    assert _timing.results_suffix() == "" and _timing.accelerator() is None  # this CPU run
+    assert _timing.device_bandwidth() is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _timing.results_suffix() == "-gpu"
+
+
+def test_torch_peer_tensors_go_to_the_chosen_device_and_come_back_as_numpy(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(kernels, "torch", torch)
+    monkeypatch.setattr(kernels, "TORCH_DEVICE", "meta")  # a device other than the CPU, without a GPU
+    x = np.arange(6, dtype=np.float64).reshape(2, 3)
+    moved = kernels.t_(x)
+    assert moved.device.type == "meta" and moved.dtype == torch.float32 and tuple(moved.shape) == (2, 3)
+    monkeypatch.setattr(kernels, "TORCH_DEVICE", "cpu")
+    back = kernels.t_np(kernels.t_(x).requires_grad_(True) * 2.0)
+    np.testing.assert_array_equal(back, 2.0 * x)
+    assert back.dtype == np.float32
+
+
+def test_a_copy_without_git_names_the_commit_it_was_sent_at(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXREG_COMMIT", "0123abcd")
+    assert _timing.code_version(str(tmp_path)) == {"commit": "0123abcd", "uncommitted": [], "commit_from": "JAXREG_COMMIT"}
+    repo = _timing.code_version(str(_timing.__file__).rsplit("/benchmarks/", 1)[0])
+    if repo["commit"]:  # a git checkout: git says, whatever the variable
+        assert repo["commit"] != "0123abcd"
+
+
+def test_device_scripts_parse_as_bash():
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    for script in ("device_prepare.sh", "device_run.sh"):
+        done = subprocess.run(["bash", "-n", str(folder / script)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
