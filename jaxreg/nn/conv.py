@@ -40,6 +40,9 @@ Five things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (ja
   forward pass or input gradient over more than 32 MiB ran 1.5x faster in chunks of at most
   8 MiB. With both, a 64^3 layer (8 -> 16 channels, 2 pairs, forward and both gradients)
   took 136-176 ms where torch's ``conv3d`` took 240-325 ms (``benchmarks/results/kernels-conv.md``).
+  That is torch on its default NCDHW layout; on ``channels_last_3d`` tensors torch picks
+  other oneDNN kernels and took 49 ms against jaxreg's 148 (``benchmarks/results/kernels.md``,
+  2026-11-22 17:33): the gap this module has not closed.
 
 Together: the 3-D GradICON training step of ``examples/gradicon_3d.py`` (two-step U-Net,
 2 pairs of 32^3) ran 0.7 s per step in ``train``'s scan, against 3.5 s with lax's
