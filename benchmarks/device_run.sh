@@ -5,11 +5,12 @@
 # and the results go to $OUT (else benchmarks/results) as <suite>-gpu.json and .md.
 #
 #   bash benchmarks/device_run.sh kernels|population|pairwise [more options for the suite]
+#   bash benchmarks/device_run.sh tests [pytest options]    # the test suite there, log in $OUT
 #
 # TORCH_DEVICE=cpu runs the torch peers on the CPU: for a dry run on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-suite=${1:?usage: device_run.sh kernels|population|pairwise [options]}
+suite=${1:?usage: device_run.sh kernels|population|pairwise|tests [options]}
 shift
 torch_device=${TORCH_DEVICE:-cuda}
 wheels=.device/core
@@ -26,5 +27,6 @@ case $suite in
   population) python3 benchmarks/population.py --large --host-devices 1 --out "$out/population-gpu.json" "$@" ;;
   pairwise) python3 benchmarks/pairwise.py --only oasis3d --methods jaxreg,jaxreg-cached,fireants --torch-device "$torch_device" \
               --tag gpu --out "$out" "$@" ;;
-  *) echo "unknown suite $suite: kernels, population or pairwise" >&2; exit 2 ;;
+  tests) python3 -m pytest -q -p no:cacheprovider -n 8 "$@" 2>&1 | tail -200 > "$out/tests-gpu.log"; tail -30 "$out/tests-gpu.log" ;;
+  *) echo "unknown suite $suite: kernels, population, pairwise or tests" >&2; exit 2 ;;
 esac
