@@ -27,6 +27,7 @@ case $suite in
   population) python3 benchmarks/population.py --large --host-devices 1 --out "$out/population-gpu.json" "$@" ;;
   pairwise) python3 benchmarks/pairwise.py --only oasis3d --methods jaxreg,jaxreg-cached,fireants --torch-device "$torch_device" \
               --tag gpu --out "$out" "$@" ;;
-  tests) python3 -m pytest -q -p no:cacheprovider -n 8 "$@" 2>&1 | tail -200 > "$out/tests-gpu.log"; tail -30 "$out/tests-gpu.log" ;;
+  tests) python3 -m pytest -q -p no:cacheprovider -n 8 "$@" > "$out/tests-gpu.log" 2>&1
+         status=$?; tail -30 "$out/tests-gpu.log"; exit $status ;;
   *) echo "unknown suite $suite: kernels, population, pairwise or tests" >&2; exit 2 ;;
 esac
