@@ -269,8 +269,7 @@ def _worker_fireants(spec, data):
     except Exception as e:  # ImportError, or a dependency that fails on import
         raise Skip(f"import fireants failed: {type(e).__name__}: {e}") from None
     torch.set_num_threads(spec["threads"])
-    asked = spec.get("torch_device", "cpu")
-    device = "cuda" if asked == "cuda" or (asked == "auto" and torch.cuda.is_available()) else "cpu"
+    device = spec.get("torch_device", "cpu")  # resolved by the parent (_timing.torch_device)
 
     def itk(array, affine):
         origin, spacing, direction = _lps_geometry(affine)
@@ -818,7 +817,7 @@ def render(result) -> str:
         f"- software: jax {m['jax']} (jaxlib {m['jaxlib']}, {', '.join(m['jax_devices'])}), antspyx {m['antspyx']}, "
         f"fireants {m['fireants']}, syntx {m.get('syntx')}, torch {m['torch']}, python {m['python']}",
         *([f"- accelerators: JAX (jaxreg) on {m.get('jax_device_kind') or 'the CPU'}; FireANTs on "
-           f"{m['torch_cuda_device'] if result['settings'].get('torch_device') != 'cpu' and m.get('torch_cuda_device') else 'the CPU'}; "
+           f"{m.get('torch_cuda_device', 'the GPU') if result['settings'].get('torch_device') == 'cuda' else 'the CPU'}; "
            "ANTs on the CPU"] if m.get("jax_device_kind") or m.get("torch_cuda_device") else []),
         code_line(result),
         f"- inputs: {result['settings']['inputs']}",
@@ -992,7 +991,12 @@ def main(argv=None):
     args.timeout = args.timeout or (1200.0 if args.quick else 7200.0)
     threads = args.threads or len(os.sched_getaffinity(0))
 
-    from benchmarks._timing import code_version, write_atomic
+    from benchmarks._timing import code_version, torch_device, write_atomic
+
+    try:
+        args.torch_device = torch_device(args.torch_device)  # 'auto' decided once, for every worker
+    except ValueError as err:
+        parser.error(str(err))
 
     start = time.perf_counter()
     result = {
