@@ -27,7 +27,11 @@ case $suite in
   population) python3 benchmarks/population.py --large --host-devices 1 --out "$out/population-gpu.json" "$@" ;;
   pairwise) python3 benchmarks/pairwise.py --only oasis3d --methods jaxreg,jaxreg-cached,fireants --torch-device "$torch_device" \
               --tag gpu --out "$out" "$@" ;;
-  tests) python3 -m pytest -q -p no:cacheprovider -n 8 "$@" > "$out/tests-gpu.log" 2>&1
+  # The tests pin JAX to the CPU unless JAX_PLATFORMS says otherwise; here they run on the GPU, and each
+  # xdist worker takes GPU memory as it goes instead of the 75% that JAX would reserve per process.
+  tests) [ "$torch_device" = cpu ] && platform=cpu || platform=cuda
+         JAX_PLATFORMS=${JAX_PLATFORMS:-$platform} XLA_PYTHON_CLIENT_PREALLOCATE=false \
+           python3 -m pytest -q -p no:cacheprovider -n 8 "$@" > "$out/tests-gpu.log" 2>&1
          status=$?; tail -30 "$out/tests-gpu.log"; exit $status ;;
   *) echo "unknown suite $suite: kernels, population, pairwise or tests" >&2; exit 2 ;;
 esac
