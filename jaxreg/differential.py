@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxreg import _checks
-from jaxreg.grid import Grid
+from jaxreg.grid import Grid, precise_matmul
 
 __all__ = [
     "spacing_vector",
@@ -84,7 +84,7 @@ def jacobian_of_map(mapped_points, grid: Grid):
         )
     d_index = jnp.stack([central_difference(mapped_points, k) for k in range(grid.ndim)], axis=-1)
     inverse_linear = jnp.linalg.inv(jnp.asarray(grid.linear, dtype=mapped_points.dtype))
-    return d_index @ inverse_linear
+    return precise_matmul(d_index, inverse_linear)
 
 
 def determinant(matrices):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreg import _checks
-from jaxreg.grid import Grid, Image
+from jaxreg.grid import PRECISE, Grid, Image
 
 __all__ = [
     "gaussian_kernel_1d",
@@ -147,7 +147,7 @@ def _smooth_by_products(x, kernels: list, ndim: int, mode: str):
         else:
             matrix = _smoothing_matrix(n, tuple(float(w) for w in kernels[axis]), mode, str(x.dtype))
             # (n, rest) contracted on n with the matrix's columns: (rest, n), no copy.
-            x = jax.lax.dot_general(flat, jnp.asarray(matrix), (((0,), (1,)), ((), ())))
+            x = jax.lax.dot_general(flat, jnp.asarray(matrix), (((0,), (1,)), ((), ())), precision=PRECISE)
         shape = shape[1:] + [n]
     x = x.reshape(shape)  # channels..., spatial...
     return jnp.moveaxis(x, tuple(range(x.ndim - ndim)), tuple(range(ndim, x.ndim))) if x.ndim > ndim else x

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreg import _checks, differential
-from jaxreg.grid import Grid, Image, apply_affine, apply_linear, as_image
+from jaxreg.grid import Grid, Image, apply_affine, apply_linear, as_image, precise_matmul
 from jaxreg.sampling import sample
 
 __all__ = [
@@ -173,7 +173,7 @@ class Affine(Transform):
             linear = jnp.eye(ndim, dtype=params.dtype) + params[: ndim * ndim].reshape(ndim, ndim)
         if center is not None:
             center = jnp.asarray(center, params.dtype)
-            translation = translation + center - linear @ center
+            translation = translation + center - precise_matmul(linear, center)
         return cls.from_linear(linear, translation)
 
     @property
@@ -197,7 +197,7 @@ class Affine(Transform):
 
     def __matmul__(self, other: "Affine") -> "Affine":
         """Matrix product: ``(a @ b)(x) == a(b(x))``."""
-        return Affine(self.matrix @ other.matrix)
+        return Affine(precise_matmul(self.matrix, other.matrix))
 
 
 # ------------------------------------------------------------------------ dense fields
@@ -441,7 +441,7 @@ class KernelTransform(Transform):
         lead = points.shape[:-1]
         flat = points.reshape(-1, self.ndim)
         radial = wendland(_safe_norm(flat[:, None, :] - self.centers[None, :, :]) / self.sigma)
-        moved = self.affine(flat) + radial @ self.weights
+        moved = self.affine(flat) + precise_matmul(radial, self.weights)
         return moved.reshape(lead + (self.ndim,))
 
 

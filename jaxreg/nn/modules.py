@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxreg.grid import Grid
+from jaxreg.grid import Grid, precise_matmul
 from jaxreg.nn.conv import conv_general_dilated
 from jaxreg.transforms import Affine, Displacement, Transform, Velocity, compose, warp
 
@@ -394,8 +394,8 @@ def _lift(transform: Transform, coarse_to_full: Affine) -> Transform:
     if isinstance(transform, (Displacement, Velocity)):
         linear = coarse_to_full.linear
         # A field in coarse voxels: its grid becomes S·grid and its vectors scale by S.
-        field = transform.field @ linear.T
-        affine = coarse_to_full.matrix @ jnp.asarray(transform.affine)
+        field = precise_matmul(transform.field, linear.T)
+        affine = precise_matmul(coarse_to_full.matrix, jnp.asarray(transform.affine))
         if isinstance(transform, Velocity):
             return Velocity(field, affine, steps=transform.steps)
         return Displacement(field, affine)
