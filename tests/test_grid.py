@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxreg import differential
-from jaxreg.grid import Grid, Image, as_image
+from jaxreg.grid import Grid, Image, as_image, precise_matmul
 from jaxreg.transforms import rotation_matrix
 from tests.helpers import assert_grad_matches_fd, assert_jit_matches, assert_vmap_matches_loop
 
@@ -90,7 +90,7 @@ def test_spatial_gradient_matches_numpy(ndim):
 def test_jacobian_of_affine_map_on_oblique_grid_is_exact(ndim):
     grid = Grid((6, 5, 4)[:ndim], oblique_affine(ndim, seed=3))
     matrix = np.random.default_rng(1).uniform(-0.3, 0.3, (ndim, ndim)) + np.eye(ndim)
-    mapped = grid.points() @ jnp.asarray(matrix.T, jnp.float32) + 1.0
+    mapped = precise_matmul(grid.points(), jnp.asarray(matrix.T, jnp.float32)) + 1.0  # TF32 on a GPU otherwise
     jac = differential.jacobian_of_map(mapped, grid)
     np.testing.assert_allclose(jac, np.broadcast_to(matrix, jac.shape), atol=1e-4)
     np.testing.assert_allclose(differential.jacobian_determinant_of_map(mapped, grid), np.linalg.det(matrix), rtol=1e-4)

@@ -27,6 +27,15 @@ from jaxreg.transforms import Affine, Displacement, Velocity, compose
 from helpers import assert_grad_matches_fd, assert_vmap_matches_loop
 
 
+@pytest.fixture(autouse=True)
+def _full_float32():
+    """Networks multiply at the backend's default precision: TF32 on a GPU, where a batched
+    and a per-pair program round differently (4e-4 apart on an H200). These tests compare
+    arithmetic (vmap against a loop, gradients against finite differences), so in float32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 class Fixed(nnx.Module):
     """A 'network' that returns a given transform whatever it sees."""
 

@@ -277,7 +277,8 @@ def test_values_read_patches_for_3d_vector_fields_and_for_2d_without_vector_gath
         np.zeros(image_shape), np.zeros((4, d)), order, mode)
     assert read((6, 6, 6, 3), 3) and read((6, 6, 6, 2), 3, mode="nearest")
     assert not read((6, 6, 6), 3) and not read((6, 6, 6, 1), 3)
-    assert read((6, 6), 2) is (not vector_gathers) and read((6, 6, 2), 2) is (not vector_gathers)
+    patches_in_2d = not (jax.default_backend() == "cpu" and vector_gathers)  # a GPU reads patches
+    assert read((6, 6), 2) is patches_in_2d and read((6, 6, 2), 2) is patches_in_2d
     assert not read((6, 6, 6, 3), 3, order=3) and not read((6, 6, 6, 3), 3, mode="mirror")
 
 

@@ -35,7 +35,7 @@ print(_traces.digest(_programs.program_key(similarity.lncc(radius=2), args)))
 def test_a_program_has_the_same_name_in_every_process():
     names = set()
     for seed in ("1", "2"):  # str hashes differ between the two interpreters
-        env = dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu")
+        env = dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         run = subprocess.run([sys.executable, "-c", _DIGEST_IN_A_FRESH_INTERPRETER], env=env, capture_output=True, text=True, check=True)
         names.add(run.stdout.strip().splitlines()[-1])
     here = _traces.digest(_programs.program_key(similarity.lncc(radius=2), _pair()))
@@ -68,7 +68,7 @@ def test_a_second_process_traces_nothing_and_adds_no_file(tmp_path):
     # marshal writes, which follow reference counts).
     runs = []
     for seed in ("3", "4"):
-        env = dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu")
+        env = dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         done = subprocess.run([sys.executable, "-c", _REGISTER_IN_A_FRESH_INTERPRETER, str(tmp_path)],
                               env=env, capture_output=True, text=True, check=True)
         traced, total = done.stdout.split()

@@ -20,7 +20,7 @@ a limit (hard histogram; no flat regions), see each function.
 
 >>> import jax.numpy as jnp
 >>> x = jnp.linspace(0.0, 1.0, 48).reshape(8, 6)
->>> float(ncc()(x, x)), float(mse()(x, x + 0.5))
+>>> round(float(ncc()(x, x)), 6), round(float(mse()(x, x + 0.5)), 6)
 (0.0, 0.25)
 """
 
