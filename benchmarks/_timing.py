@@ -308,11 +308,12 @@ def code_version(repo: str) -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    commit = git("rev-parse", "HEAD")
-    if not commit and os.environ.get("JAXREG_COMMIT"):
-        # A copy of the working tree without its .git (a GPU machine's): the commit it was
-        # copied at, as the one who sent it says (benchmarks/device_run.sh).
+    if os.environ.get("JAXREG_COMMIT"):
+        # A copy of the working tree sent to a GPU machine (benchmarks/device_run.sh): the
+        # commit it was copied at, as the sender says. Its .git, where one came along, was
+        # seen to be older than the tree (HEAD 880b9f4 under a tree of c5a24d7).
         return {"commit": os.environ["JAXREG_COMMIT"], "uncommitted": [], "commit_from": "JAXREG_COMMIT"}
+    commit = git("rev-parse", "HEAD")
     return {"commit": commit, "uncommitted": git("status", "--porcelain", "--", "jaxreg").splitlines()}
 
 
