@@ -161,6 +161,12 @@ def kernels_section(result: dict, plots: Plots) -> list[str]:
     bandwidth = result.get("memory_bandwidth")
     if bandwidth:
         lines += [f"Memory bandwidth of the machine: {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['method']}).", ""]
+    device_bandwidth = result.get("device_bandwidth")
+    if device_bandwidth:
+        there = "the JAX and torch rows run there" if settings.get("torch_device") == "cuda" else "the JAX rows run there"
+        lines += [f"Memory bandwidth of the device: {device_bandwidth['gb_per_s']:.0f} GB/s ({device_bandwidth['method']}); "
+                  f"{there}, the others on the CPU. At these sizes many GPU rows "
+                  "are a few kernel launches long, so their ratios weigh dispatch as much as arithmetic.", ""]
     dispatch = dispatch_text(result.get("dispatch"))
     if dispatch:
         lines += [dispatch, ""]
