@@ -87,3 +87,15 @@ def test_device_scripts_parse_as_bash():
     for script in ("device_prepare.sh", "device_run.sh"):
         done = subprocess.run(["bash", "-n", str(folder / script)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+
+
+def test_fireants_greedy_is_fireants_from_the_identity_with_the_same_environment():
+    # FireANTs' own OASIS recipe (greedy alone on pre-aligned pairs) beside its affine + greedy.
+    from benchmarks import pairwise
+
+    zeros = np.zeros((4, 4, 4), np.float32)
+    pair = pairwise.Pair("oasis3d", "0001→0002", zeros, np.eye(4), zeros, np.eye(4))
+    greedy, both = (pairwise.method_spec(m, pair, "full", False, 2) for m in ("fireants-greedy", "fireants"))
+    assert greedy["kind"] == both["kind"] == "fireants" and greedy["method"] == "fireants-greedy"
+    assert pairwise.method_env("fireants-greedy", 2)["OMP_NUM_THREADS"] == pairwise.method_env("fireants", 2)["OMP_NUM_THREADS"]
+    assert "fireants-greedy" in pairwise.METHODS
