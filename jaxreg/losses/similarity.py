@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreg import _checks, differential, filters
+from jaxreg.grid import precise_matmul
 
 __all__ = [
     "mse",
@@ -389,10 +390,10 @@ def _soft_joint(a, b, w, bins, sigma, range_a, range_b):
     memberships = _parzen_memberships(bins, sigma)
     pa, pb = memberships(a), memberships(b)
     if w is None:
-        joint = jnp.matmul(pa.T, pb, precision=jax.lax.Precision.HIGHEST) / a.shape[0]
+        joint = precise_matmul(pa.T, pb) / a.shape[0]
     else:
         w = w.reshape(-1)
-        joint = jnp.matmul((w[:, None] * pa).T, pb, precision=jax.lax.Precision.HIGHEST)
+        joint = precise_matmul((w[:, None] * pa).T, pb)
         joint = _divide(joint, jnp.sum(w))
     return joint
 
