@@ -289,10 +289,13 @@ def _worker_fireants(spec, data):
     if spec["quick"]:
         affine_cfg["iterations"], greedy_cfg["iterations"] = FIREANTS_QUICK["affine_iterations"], FIREANTS_QUICK["greedy_iterations"]
     affine_loss = "mi" if spec["preset"] == "ct" else "cc"
+    greedy_only = spec["method"] == "fireants-greedy"  # from the identity, as FireANTs' OASIS script
+    # What ran, recorded before the constructors' arguments are popped from the dicts.
+    settings = dict(affine=None if greedy_only else {**affine_cfg, "loss_type": affine_loss}, greedy=dict(greedy_cfg))
     rss_before = _max_rss_mib()
     start = time.perf_counter()
-    init_affine = None  # fireants-greedy: from the identity, as FireANTs' OASIS script
-    if spec["method"] != "fireants-greedy":
+    init_affine = None
+    if not greedy_only:
         affine = AffineRegistration(list(affine_cfg.pop("scales")), list(affine_cfg.pop("iterations")), fixed, moving,
                                     loss_type=affine_loss, optimizer="Adam", progress_bar=False, **affine_cfg)
         affine.optimize()
@@ -334,9 +337,7 @@ def _worker_fireants(spec, data):
         wall_s=wall,
         rss_before_mib=rss_before,
         peak_rss_mib=peak,
-        settings=dict(affine={**FIREANTS["affine"], "loss_type": affine_loss, **({"iterations": FIREANTS_QUICK["affine_iterations"]} if spec["quick"] else {})},
-                      greedy={**FIREANTS["greedy"], **({"iterations": FIREANTS_QUICK["greedy_iterations"]} if spec["quick"] else {})},
-                      torch_threads=torch.get_num_threads(), device=device,
+        settings=dict(**settings, torch_threads=torch.get_num_threads(), device=device,
                       cuda_device=torch.cuda.get_device_name(0) if device == "cuda" else None),
         versions=versions,
     )
@@ -830,7 +831,7 @@ def render(result) -> str:
         f"- inputs: {result['settings']['inputs']}",
         "- protocol: each method runs alone in a fresh process (`--worker`). **wall s**: the registration call only "
         "(jaxreg `register()` until every output array is ready, tracing and XLA compilation included; "
-        "`ants.registration()`, which writes its transform files; FireANTs affine + greedy `optimize()` and the warped "
+        "`ants.registration()`, which writes its transform files; FireANTs affine (not for fireants-greedy) + greedy `optimize()` and the warped "
         "image; `syntx.syn()`, which also writes its transform files and warps both images), not the imports or data loading. **compile s** / **run s**: jaxreg's `Result.compile_seconds` "
         "(lower + compile of every pyramid level) and `Result.run_seconds` (the compiled levels running); the rest of "
         "wall is eager work (pyramids, the inverse, the final warp). **jaxreg-cached**: JAX persistent compilation cache "
