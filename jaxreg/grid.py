@@ -22,9 +22,9 @@ from jaxreg import _checks
 __all__ = ["Grid", "Image", "as_image", "identity_affine"]
 
 # GPUs multiply float32 matrices in TF32 (a 10-bit mantissa) unless told otherwise: a
-# point 100 mm from the origin then moves by ~0.1 mm, an affine Jacobian determinant is off
-# by 1e-3, a Gaussian smoothing by 3e-4 of its range (all measured on an H200). Geometry and
-# filters ask for full float32; the networks keep the backend's default (TF32 on GPUs).
+# point 100 mm from the origin then moves by up to ~0.1 mm, an affine Jacobian determinant
+# is off by 3e-4 to 9e-4, a Gaussian smoothing by 3e-4 of its range (the test suite on an
+# H200). Geometry and filters ask for full float32; the networks keep the backend's default.
 PRECISE = jax.lax.Precision.HIGHEST
 
 
