@@ -18,7 +18,8 @@ The building blocks, bottom up:
 - :mod:`jaxreg.viz` -- overlays, checkerboards, deformed grids, Jacobian maps (matplotlib);
 - :mod:`jaxreg.synthetic` -- built-in synthetic images and warps;
 - :mod:`jaxreg.nn` -- amortized registration: flax networks, ICON/GradICON, training;
-- :mod:`jaxreg.datasets` -- MNIST from its standard files, pair samplers.
+- :mod:`jaxreg.datasets` -- MNIST from its standard files, pair samplers;
+- :mod:`jaxreg.runtime` -- process-wide speed settings (``retain_host_memory``).
 
 The ``jaxreg`` command (:mod:`jaxreg.cli`) registers, applies and evaluates from files.
 :mod:`jaxreg.nn` is imported on first use (``jaxreg.nn`` or ``from jaxreg import nn``):
@@ -28,11 +29,12 @@ without (2-core CPU), which every ``jaxreg`` command pays.
 
 import importlib
 
-from jaxreg import datasets, differential, filters, io, itk, landmarks, losses, metrics, population, registration, synthetic, viz
+from jaxreg import datasets, differential, filters, io, itk, landmarks, losses, metrics, population, registration, runtime, synthetic, viz
 from jaxreg.grid import Grid, Image, as_image
 from jaxreg.io import load, save
 from jaxreg.sampling import sample
 from jaxreg.registration import register
+from jaxreg.runtime import retain_host_memory
 from jaxreg.transforms import (
     Affine,
     BSpline,
@@ -91,6 +93,8 @@ __all__ = [
     "nn",
     "register",
     "registration",
+    "retain_host_memory",
+    "runtime",
     "sample",
     "save",
     "synthetic",
