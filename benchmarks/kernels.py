@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._timing import (
+    RETAINED_NOTE,
     ROTATION_NOTE,
     block,
     code_line,
@@ -51,6 +52,7 @@ from benchmarks._timing import (
 from jaxreg import filters
 from jaxreg.losses.similarity import lncc, mutual_information
 from jaxreg.nn import conv as jaxreg_conv
+from jaxreg.runtime import retain_host_memory
 from jaxreg.sampling import sample
 from jaxreg.transforms import Displacement, Velocity, compose
 
@@ -606,6 +608,7 @@ def render(result) -> str:
            "of JAX rows compares with this, scipy's and SimpleITK's run on the CPU"] if device_bw else []),
         *[f"- {text}" for text in [dispatch_text(result.get("dispatch"))] if text],
         f"- {WARP_BYTES}",
+        *([f"- {RETAINED_NOTE}"] if result["settings"].get("retain_host_memory") else []),
         f"- data: {DATA}",
         "- protocol: JAX compile = `jax.jit(f).lower(...).compile()` (tracing included); torch/scipy eager. "
         "Every implementation of a row group gets 1 warm-up call, then N timed rounds in which each is called once, "
@@ -629,7 +632,13 @@ def main(argv=None):
                         "kernels-gpu.json where JAX computes on a GPU)")
     parser.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where the torch peers run (auto: the GPU where torch sees one)")
+    parser.add_argument("--retain-host-memory", action="store_true",
+                        help="call jaxreg.retain_host_memory() first: glibc keeps freed memory for every "
+                        "implementation in this process, torch's too (default: the C library's defaults)")
     args = parser.parse_args(argv)
+    retained = retain_host_memory() if args.retain_host_memory else None
+    if args.retain_host_memory and not retained:
+        parser.error("--retain-host-memory: the allocator settings could not be applied here (not glibc, or JAX started)")
     if args.out is None:
         args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels{results_suffix()}.json")
     global TORCH_DEVICE
@@ -655,7 +664,8 @@ def main(argv=None):
         "settings": {"quick": args.quick, "kernels": only, "data": DATA, "warp_bytes": WARP_BYTES, "timing": "rotated rounds",
                      "torch_threads": torch.get_num_threads() if torch is not None else None,
                      "torch_device": TORCH_DEVICE if torch is not None else None,
-                     "simpleitk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None},
+                     "simpleitk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None,
+                     "retain_host_memory": bool(retained)},
         "rows": [],
     }
     md_path = os.path.splitext(args.out)[0] + ".md"

@@ -26,7 +26,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import ROTATION_NOTE, cpu_label, dispatch_text, markdown_table, write_atomic  # noqa: E402
+from benchmarks._timing import RETAINED_NOTE, ROTATION_NOTE, cpu_label, dispatch_text, markdown_table, write_atomic  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -170,6 +170,8 @@ def kernels_section(result: dict, plots: Plots) -> list[str]:
     dispatch = dispatch_text(result.get("dispatch"))
     if dispatch:
         lines += [dispatch, ""]
+    if settings.get("retain_host_memory"):
+        lines += [f"Allocator: {RETAINED_NOTE[len('allocator: '):]}; see `jaxreg.runtime`.", ""]
     if settings.get("timing") in ("rounds", "rotated rounds"):
         rotation = f"; {ROTATION_NOTE}" if settings["timing"] == "rotated rounds" else ""
         lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "
