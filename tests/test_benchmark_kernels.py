@@ -53,3 +53,16 @@ def test_dispatch_text_states_both_modes_in_milliseconds_and_nothing_without_bot
     assert "0.007 ms" in text and "0.006 ms" in text and "0.088 ms and 0.013 ms" in text
     assert dispatch_text(None) is None
     assert dispatch_text({**measured, "sync": {"error": "TimeoutExpired"}}) is None
+
+
+def test_a_run_with_retained_host_memory_says_so_in_its_results_page_and_only_then():
+    from benchmarks import report
+
+    class NoPlots:
+        plt = None
+
+    row = dict(kernel="svf exp", size="8×8×8", impl="jaxreg", median_s=0.01)
+    text = lambda settings: "\n".join(report.kernels_section(dict(rows=[row], settings=settings), NoPlots()))  # noqa: E731
+    assert "Allocator: `jaxreg.retain_host_memory()`" in text({"retain_host_memory": True})
+    assert "Allocator" not in text({"retain_host_memory": False})
+    assert "Allocator" not in text({})
