@@ -174,7 +174,10 @@ def test_velocity_exp_v_composed_with_exp_minus_v_is_nearly_the_identity(seed, a
     field = (smooth * amplitude / max(np.abs(smooth).max(), 1e-12)).astype(np.float32)  # at most `amplitude` mm
     moved = np.asarray(_exp_v_after_exp_minus_v(field))
     error = np.abs(moved - np.asarray(_INNER)).max()
-    assert error <= 0.05 * amplitude**2 + 1e-4, (amplitude, error)
+    # Second order in the field: over 1,500 to 3,000 seeds per amplitude the worst error was
+    # 0.086 a**2 as a -> 0 (0.077 at a = 0.1, 0.064 at 0.25, 0.030 at 1). The bound had been
+    # 0.05 a**2, which hypothesis broke at a = 0.25 (seed 9120327: 0.058 a**2).
+    assert error <= 0.1 * amplitude**2 + 1e-4, (amplitude, error)
 
 
 @jax.jit
