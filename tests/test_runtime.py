@@ -19,8 +19,8 @@ glibc_linux = pytest.mark.skipif(
 
 # A jitted program whose 64 MiB of temporaries (two 32 MiB intermediates kept apart by the
 # optimization barrier) XLA allocates on every call. Retained, the heap still grows now
-# and then over the first calls (up to ~20 here) until freed blocks fit the next call's;
-# page faults are counted over 10 calls after 30.
+# and then, in bursts, until freed blocks fit the next call's (mostly over the first 30
+# calls, in some runs later); page faults are counted call by call over 20 calls after 50.
 _PROBE = textwrap.dedent(
     """
     import json, resource, sys
@@ -34,12 +34,13 @@ _PROBE = textwrap.dedent(
         return jnp.sum(a * b)
 
     x = jnp.linspace(0.0, 1.0, 8 * 2**20, dtype=jnp.float32)
-    for _ in range(30):
+    for _ in range(50):
         f(x).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
+    faults = []
+    for _ in range(20):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         value = float(f(x))
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(json.dumps(dict(applied=applied, faults=faults, value=value)))
     """
 )
@@ -65,10 +66,11 @@ def _probe(mode):
 def test_retained_memory_is_not_faulted_in_again():
     retained, default = _probe("retain"), _probe("default")
     assert retained["applied"] is True
-    # 10 calls x 64 MiB of temporaries = 163,840 pages of 4 KiB where each call faults them
-    # in (as without the setting); retained, at most one growth of the heap by one call's.
-    assert retained["faults"] <= 16384 + 1000, retained
-    assert default["faults"] > 2 * 16384 or "always" in _transparent_huge_pages(), default
+    # A call that faults its 64 MiB of temporaries in takes 16,384 pages of 4 KiB. Without
+    # the setting every call does; retained, most calls fault nothing.
+    faulting = lambda run: sum(count > 1000 for count in run["faults"])  # noqa: E731
+    assert faulting(retained) <= 8, retained
+    assert faulting(default) >= 16 or "always" in _transparent_huge_pages(), default
     # The setting changes where memory comes from, not what is computed.
     assert retained["value"] == default["value"]
 
