@@ -124,7 +124,7 @@ ROTATION_NOTE = (
     "each round starts one implementation later, so that none always runs right after the same peer "
     "(torch's OpenMP threads keep spinning for a while after a call and slow down whatever runs next)"
 )
-RETAINED_NOTE = ("allocator: `jaxreg.retain_host_memory()` before the first computation (`--retain-host-memory`): "
+RETAINED_NOTE = ("`jaxreg.retain_host_memory()` before the first computation (`--retain-host-memory`): "
                  "glibc keeps freed memory in the process for every implementation here, torch's and scipy's too, "
                  "up to 2 GiB, so a call does not fault its temporaries in afresh (beyond 2 GiB it still does)")
 

@@ -608,7 +608,7 @@ def render(result) -> str:
            "of JAX rows compares with this, scipy's and SimpleITK's run on the CPU"] if device_bw else []),
         *[f"- {text}" for text in [dispatch_text(result.get("dispatch"))] if text],
         f"- {WARP_BYTES}",
-        *([f"- {RETAINED_NOTE}"] if result["settings"].get("retain_host_memory") else []),
+        *([f"- allocator: {RETAINED_NOTE}"] if result["settings"].get("retain_host_memory") else []),
         f"- data: {DATA}",
         "- protocol: JAX compile = `jax.jit(f).lower(...).compile()` (tracing included); torch/scipy eager. "
         "Every implementation of a row group gets 1 warm-up call, then N timed rounds in which each is called once, "

@@ -171,7 +171,7 @@ def kernels_section(result: dict, plots: Plots) -> list[str]:
     if dispatch:
         lines += [dispatch, ""]
     if settings.get("retain_host_memory"):
-        lines += [f"Allocator: {RETAINED_NOTE[len('allocator: '):]}; see `jaxreg.runtime`.", ""]
+        lines += [f"Allocator: {RETAINED_NOTE}; see `jaxreg.runtime`.", ""]
     if settings.get("timing") in ("rounds", "rotated rounds"):
         rotation = f"; {ROTATION_NOTE}" if settings["timing"] == "rotated rounds" else ""
         lines += ["Every implementation of a size is warmed up once, then timed in rounds that call each of them once, in "

@@ -49,11 +49,11 @@ def retain_host_memory() -> bool:
     program with 64 MiB of temporaries, 100 calls, four runs: page faults on 2 to 8 calls,
     mostly among the first 30, and a resident peak of 371 to 755 MiB against 325 MiB
     without the setting), the process keeps that memory until it ends, and threads share
-    one arena for small blocks. mallopt keeps at most 2
-    GiB: a program with more temporaries than that still gives the rest back and faults
-    it in again, and there the setting can cost more than it saves (the same gradient at
-    160x192x224, 3.3 GiB: median 12.3 s a call against 9.2 s, in two runs of 3 calls each,
-    best 6.6 against 5.9 s; ``benchmarks/results/kernels-svf-retained.md``).
+    one arena for small blocks. mallopt keeps at most 2 GiB: a program with more
+    temporaries than that still gives the rest back and faults it in again, and there the
+    setting can cost more than it saves (the same gradient at 160x192x224, 3.3 GiB: median
+    12.3 s a call against 9.2 s, in two runs of 3 calls each, best 6.6 against 5.9 s;
+    ``benchmarks/results/kernels-svf-retained.md``).
     ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` set before Python starts is an alternative
     without those costs that needs no call: transparent huge pages, 500 times fewer
     faults, 1.0 s a call on the same gradient.
