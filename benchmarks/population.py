@@ -7,7 +7,9 @@ Each of N moving images (synthetic blobs warped by random smooth velocities, 2-D
 ``vmap``: ``jax.jit(jax.vmap(stage))`` over the whole batch; above ``--batch-size``
 pairs also ``--batch-size`` pairs at a time in a ``lax.map`` (what
 ``register_many(..., batch_size=k)`` runs); ``loop``: one jitted single-pair program
-called N times; ``sharded``: ``register_many(stage, ..., devices=k)``, the batch split
+called N times; ``register_many``: the library's default call on one device (on CPU,
+chunks of about ``jaxreg.population.CPU_CHUNK_VOXELS`` voxels run from one host thread per
+core; on an accelerator one vmap, as the vmap row); ``sharded``: ``register_many(stage, ..., devices=k)``, the batch split
 over k devices. On CPU the script makes each core a device
 (``XLA_FLAGS=--xla_force_host_platform_device_count``, set before JAX starts; ``--host-devices``,
 default the core count; 1 leaves it off), so the sharded row is what a CPU user gets
@@ -55,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import block, code_version, cpu_label, machine_info, markdown_table, results_suffix, time_in_rounds, write_atomic  # noqa: E402
 
 from jaxreg import synthetic  # noqa: E402
-from jaxreg.population import pair_sharding, register_many  # noqa: E402
+from jaxreg.population import CPU_CHUNK_VOXELS, pair_sharding, plan, register_many  # noqa: E402
 from jaxreg.grid import Grid, Image  # noqa: E402
 from jaxreg.registration import register_greedy, register_svf  # noqa: E402
 from jaxreg.transforms import warp  # noqa: E402
@@ -102,7 +104,9 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
         start = time.perf_counter()
         single = jax.jit(one).lower(fixed[0], moving[0]).compile()
         loop_compile = time.perf_counter() - start
-        programs = {"vmap": lambda: batched(fixed, moving), "loop": lambda: [single(fixed[i], moving[i]) for i in range(n)]}
+        programs = {"vmap": lambda: batched(fixed, moving), "loop": lambda: [single(fixed[i], moving[i]) for i in range(n)],
+                    "library": lambda: register_many(stage, fixed, moving, **options)}
+        library_batch_size, library_threads, library_chunks = plan(fixed.shape, jax.devices()[0].platform)
         compile_s = {}
         if n > batch_size:
             # What register_many(..., batch_size=k) runs: k pairs at a time in a lax.map.
@@ -131,6 +135,11 @@ def run(stage_name: str, counts, size: int, steps: int, repeats: int, batch_size
         if "chunked" in times:
             extra.update(batch_size=batch_size, chunked_pairs_per_s=n / times["chunked"],
                          chunked_speedup=loop_s / times["chunked"], chunked_compile_s=compile_s["chunked"])
+        per_round = speedup_of_rounds(rounds["library"], rounds["loop"])
+        extra.update(library_pairs_per_s=n / times["library"], library_speedup=loop_s / times["library"],
+                     library_speedup_min=per_round["speedup_min"], library_speedup_max=per_round["speedup_max"],
+                     library_threads=library_threads, library_calls=len(library_chunks),
+                     library_batch_size=library_batch_size, library_compile_s=first_call_s["library"] - times["library"])
         if "sharded" in times:
             per_round = speedup_of_rounds(rounds["sharded"], rounds["loop"])
             extra.update(devices=devices, sharded_pairs_per_s=n / times["sharded"], sharded_speedup=loop_s / times["sharded"],
@@ -164,13 +173,17 @@ def render(result: dict) -> str:
         "# Population throughput: vmap vs loop",
         "",
         f"{result['started']} on {cpu_label(m)} ({m.get('cpu_count', '?')} cores), jax {m.get('jax', '?')}. "
-        "Median of repeated runs, taken in rounds (each program once per round, in turn, after one warm-up call); compile excluded and listed apart (the loop program is compiled once, so after the first count it comes from JAX's cache). **per round**: the lowest and highest of the vmap / loop ratios of single rounds: the spread the host's noise gives one measurement (the median columns are of the times, not of these ratios).",
+        "Median of repeated runs, taken in rounds (each program once per round, in turn, after one warm-up call); compile excluded and listed apart (the loop program is compiled once, so after the first count it comes from JAX's cache). **per round**: the lowest and highest of the vmap / loop ratios of single rounds: the spread the host's noise gives one measurement (the median columns are of the times, not of these ratios). "
+        "**register_many**: the library's default call on one device; **calls on threads**: how many vmapped calls it made and how many host threads ran them at once.",
         "",
     ]
     chunk = lambda r, key, spec: format(r[key], spec) if key in r else ""  # noqa: E731
     rows = [
         [r["stage"], f"{r['size']}^2", r["pairs"], f"{r['vmap_pairs_per_s']:.2f}", f"{r['loop_pairs_per_s']:.2f}",
          f"{r['speedup']:.2f}x", f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}" if "speedup_min" in r else "", chunk(r, "chunked_pairs_per_s", ".2f"), chunk(r, "chunked_speedup", ".2f") + ("x" if "chunked_speedup" in r else ""),
+         chunk(r, "library_pairs_per_s", ".2f"), chunk(r, "library_speedup", ".2f") + ("x" if "library_speedup" in r else ""),
+         f"{r['library_speedup_min']:.2f}-{r['library_speedup_max']:.2f}" if "library_speedup_min" in r else "",
+         f"{r['library_calls']} on {r['library_threads']}" if "library_calls" in r else "",
          chunk(r, "sharded_pairs_per_s", ".2f"), chunk(r, "sharded_speedup", ".2f") + ("x" if "sharded_speedup" in r else ""),
          f"{r['sharded_speedup_min']:.2f}-{r['sharded_speedup_max']:.2f}" if "sharded_speedup_min" in r else "",
          chunk(r, "sharded_chunked_speedup", ".2f") + ("x" if "sharded_chunked_speedup" in r else ""),
@@ -181,7 +194,8 @@ def render(result: dict) -> str:
     devices = result["settings"].get("devices", 1)
     lines.append(markdown_table(["stage", "size", "pairs", "vmap pairs/s", "loop pairs/s", "vmap / loop",
                                  "per round", f"vmap {size} at a time pairs/s", f"{size} at a time / loop",
-                                 f"sharded over {devices} pairs/s", "sharded / loop", "sharded per round",
+                                 "register_many pairs/s", "register_many / loop", "register_many per round",
+                                 "calls on threads", f"sharded over {devices} pairs/s", "sharded / loop", "sharded per round",
                                  f"sharded, {size} in flight / loop", "vmap compile s", "loop compile s"], rows))
     return "\n".join(lines) + "\n"
 
@@ -208,7 +222,7 @@ def main(argv=None):
         "machine": machine_info(),
         "code": code_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
         "settings": {"quick": args.quick, "size": size, "steps": steps, "counts": counts, "batch_size": args.batch_size, "rounds": args.rounds,
-                     "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
+                     "devices": jax.device_count(), "cpu_chunk_voxels": CPU_CHUNK_VOXELS, "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "rows": [],
     }
     for stage in args.stage.split(","):

@@ -318,6 +318,18 @@ def population_section(result: dict, plots: Plots) -> list[str]:
         headers[at:at] = [f"{size} at a time pairs/s", f"{size} at a time ÷ loop"]
         for row, r in zip(table, rows):
             row[at:at] = [_f(r.get("chunked_pairs_per_s"), ".2f"), _f(r.get("chunked_speedup"), ".2f")]
+    if any("library_pairs_per_s" in r for r in rows):
+        lines += ["**register_many**: the library's default call on one device, `register_many(stage, fixed, moving, **options)`: "
+                  f"on a CPU it registers chunks of about {_f(settings.get('cpu_chunk_voxels'), ',')} voxels of pairs (`jaxreg.population.CPU_CHUNK_VOXELS`), "
+                  "each one vmapped call, from one host thread per core at the same time; on an accelerator it is one "
+                  "vmap, as the vmap column. **calls on threads**: how many calls it made, on how many threads. "
+                  "**its per round** as **per round**, for register_many ÷ loop.", ""]
+        at = headers.index("vmap compile s")
+        headers[at:at] = ["register_many pairs/s", "register_many ÷ loop", "its per round", "calls on threads"]
+        for row, r in zip(table, rows):
+            row[at:at] = [_f(r.get("library_pairs_per_s"), ".2f"), _f(r.get("library_speedup"), ".2f"),
+                          f"{r['library_speedup_min']:.2f}–{r['library_speedup_max']:.2f}" if "library_speedup_min" in r else "",
+                          f"{r['library_calls']} on {r['library_threads']}" if "library_calls" in r else ""]
     if any("sharded_pairs_per_s" in r for r in rows):
         devices = settings.get("devices", "?")
         chunked = any("sharded_chunked_speedup" in r for r in rows)
@@ -347,6 +359,10 @@ def population_section(result: dict, plots: Plots) -> list[str]:
             pairs = [r["pairs"] for r in srows]
             ax.plot(pairs, [1.0 / r["vmap_pairs_per_s"] for r in srows], marker="o", color=f"C{i}", label=f"{stage} vmap")
             ax.plot(pairs, [1.0 / r["loop_pairs_per_s"] for r in srows], marker="s", ls="--", color=f"C{i}", label=f"{stage} loop")
+            library = [r for r in srows if "library_pairs_per_s" in r]
+            if library:
+                ax.plot([r["pairs"] for r in library], [1.0 / r["library_pairs_per_s"] for r in library], marker="D", ls="-.",
+                        color=f"C{i}", label=f"{stage} register_many")
             sharded = [r for r in srows if "sharded_pairs_per_s" in r]
             if sharded:
                 ax.plot([r["pairs"] for r in sharded], [1.0 / r["sharded_pairs_per_s"] for r in sharded], marker="^", ls=":",
@@ -356,7 +372,7 @@ def population_section(result: dict, plots: Plots) -> list[str]:
         counts = sorted({r["pairs"] for r in rows})
         ax.set_xticks(counts, [str(c) for c in counts])
         ax.legend(fontsize=6)
-        lines += [plots.save(fig, "population.png", "Population: seconds per pair vs number of pairs, vmap, loop and sharded"), ""]
+        lines += [plots.save(fig, "population.png", "Population: seconds per pair vs number of pairs, vmap, loop, register_many and sharded"), ""]
     return lines
 
 

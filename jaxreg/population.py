@@ -15,6 +15,11 @@ numbers).
 
 from __future__ import annotations
 
+import functools
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import jax
@@ -27,7 +32,7 @@ from jaxreg.filters import gaussian_smooth
 from jaxreg.grid import Grid, Image
 from jaxreg.transforms import Velocity, warp
 
-__all__ = ["register_many", "build_template", "pair_sharding"]
+__all__ = ["register_many", "build_template", "pair_sharding", "plan"]
 
 
 def pair_sharding(devices=None) -> NamedSharding:
@@ -71,60 +76,215 @@ def _check_batch(batch, name: str, ndim: int | None = None):
     return batch
 
 
-def register_many(stage: Callable, fixed, moving, *, affine=None, devices=None, batch_size: int | None = None, **options):
-    """Run ``stage(fixed_i, moving_i, **options)`` for every pair of a batch in one program.
+def register_many(
+    stage: Callable, fixed, moving, *, affine=None, devices=None, batch_size: int | None = None, threads: int | None = None, **options
+):
+    """Run ``stage(fixed_i, moving_i, **options)`` for every pair of a batch.
 
     ``stage`` is any of :mod:`jaxreg.registration`'s stage functions (or a function of
     ``(fixed, moving)`` returning a pytree); ``fixed`` and ``moving`` are arrays
     ``(pairs, *spatial)`` on one grid with voxel-to-world ``affine`` (default identity).
-    With ``devices`` (a list, or an int for the first n; more than ``jax.devices()`` holds
-    is a ValueError), the pairs are sharded across them; the count of pairs must be a
-    multiple of the device count. ``batch_size`` registers that many pairs at a time
-    (``jax.lax.map``) instead of all at once: on CPU a working set that stays in cache can
-    beat one large batch (``benchmarks/results/population.md``); with ``devices`` as well,
-    each device registers its own share of the pairs that many at a time. The program is kept for
-    the next call with equal settings and shapes (:mod:`jaxreg._programs`), so a template
-    iteration does not compile again. Returns the stage's result with a leading pairs axis
-    on every array.
+    Returns the stage's result with a leading pairs axis on every array.
+
+    How the pairs are spread over the hardware:
+
+    - ``batch_size``: how many pairs one ``vmap``-ed call registers at once. By default
+      all of them on an accelerator; on a CPU as many as keep one call's images near
+      :data:`CPU_CHUNK_VOXELS` voxels (at least 1), because a large batch outgrows the cache.
+    - ``threads``: how many such calls run at the same time, each on its own host thread
+      (CPU only: XLA runs one call's small arrays on one core, so concurrent calls are
+      what fills the others). By default the cores this process may use, at most one a
+      call, and fewer where that many calls at once would take more than half the free
+      memory; 1 on an accelerator. With ``threads=1`` the calls are one program, a
+      ``lax.map`` over the chunks.
+    - ``devices`` (a list, or an int for the first n; more than ``jax.devices()`` holds is
+      a ValueError): the pairs are sharded across them, each device registering its own
+      share ``batch_size`` (default: all) at a time; the count of pairs must be a multiple
+      of the device count. ``threads`` does not combine with it.
+
+    Every program is kept for the next call with equal settings and shapes
+    (:mod:`jaxreg._programs`), so a template iteration does not compile again. Under an
+    outer ``jax.jit`` or ``vmap`` the batch is one ``vmap`` (``lax.map`` with ``batch_size``).
+    ``benchmarks/results/population.md`` measures these choices against a loop.
     """
     fixed = _check_batch(fixed, "fixed")
     moving = _check_batch(moving, "moving")
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {fixed.shape} and moving {moving.shape} batches must have the same shape")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
+    _check_count(batch_size, "batch_size")
+    _check_count(threads, "threads")
+    if devices is not None and threads not in (None, 1):
+        raise ValueError(f"threads={threads} does not combine with devices=: the devices already register their shares at the same time")
     grid = Grid(fixed.shape[1:], affine)
 
     def one(f, m):
         return stage(Image(f, grid.affine), Image(m, grid.affine), **options)
 
-    def batched(f, m):
-        if batch_size is None or batch_size >= f.shape[0]:
-            return jax.vmap(one)(f, m)
-        return jax.lax.map(lambda pair: one(*pair), (f, m), batch_size=int(batch_size))
+    def chunked(size):
+        def run(f, m):
+            if size is None or size >= f.shape[0]:
+                return jax.vmap(one)(f, m)
+            return jax.lax.map(lambda pair: one(*pair), (f, m), batch_size=int(size))
 
-    run = batched
-    if devices is not None:
-        devices = _chosen_devices(devices)
-        if fixed.shape[0] % len(devices):
-            raise ValueError(f"{fixed.shape[0]} pairs cannot be split evenly over {len(devices)} devices")
-        device_ids = tuple(int(d.id) for d in devices)
-
-        def sharded(f, m):
-            # Each device runs the batch on its own pairs, so batch_size chunks each device's
-            # share (a lax.map under jit alone would run over the whole batch, replicated).
-            return jax.shard_map(batched, mesh=_pairs_mesh(device_ids), in_specs=PartitionSpec("pairs"),
-                                 out_specs=PartitionSpec("pairs"), check_vma=False)(f, m)
-
-        run = sharded
+        return run
 
     if _programs.traced((fixed, moving)):
+        run = chunked(batch_size)
+        if devices is not None:
+            run = _sharded(run, _chosen_devices(devices), fixed.shape[0])
         return run(fixed, moving)
     if devices is not None:
+        devices = _chosen_devices(devices)
+        run = _sharded(chunked(batch_size), devices, fixed.shape[0])
         sharding = pair_sharding(devices)
         fixed, moving = jax.device_put(fixed, sharding), jax.device_put(moving, sharding)
-    program, _ = _programs.compiled(run, (fixed, moving))
-    return program(fixed, moving)
+        program, _ = _programs.compiled(run, (fixed, moving))
+        return program(fixed, moving)
+
+    batch_size, threads, chunks = plan(fixed.shape, _platform(fixed), batch_size=batch_size, threads=threads)
+    if threads > 1:
+        programs = {}
+        for start, stop in chunks:
+            if stop - start not in programs:
+                programs[stop - start], _ = _programs.compiled(_chunk_at(one, stop - start), (fixed, moving, np.int32(start)))
+        threads = _calls_that_fit(max(programs.values(), key=_bytes_per_call), threads)
+    if threads <= 1:
+        program, _ = _programs.compiled(chunked(batch_size), (fixed, moving))
+        return program(fixed, moving)
+    results = _run_concurrently([(programs[stop - start], (fixed, moving, np.int32(start))) for start, stop in chunks], threads)
+    return jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *results)
+
+
+def _chunk_at(one: Callable, size: int) -> Callable:
+    # The chunk is cut inside the program: slicing the batch outside would cost a dispatch
+    # a chunk, as much as a small pair's registration.
+    def run(f, m, start):
+        take = lambda batch: jax.lax.dynamic_slice_in_dim(batch, start, size)  # noqa: E731
+        return jax.vmap(one)(take(f), take(m))
+
+    return run
+
+
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # with its count of threads
+
+
+def _run_concurrently(jobs: list, threads: int) -> list:
+    """Each ``(program, args)`` of ``jobs`` run, at most ``threads`` at a time, on a pool of
+    host threads kept across calls (starting threads costs more than a small chunk). Returns
+    the results in the order of ``jobs``; after an error no new job starts, and it is raised."""
+    global _pool
+    if _pool is None or _pool[1] < threads:
+        size = max(threads, _usable_cores())
+        _pool = (ThreadPoolExecutor(max_workers=size, thread_name_prefix="jaxreg-pairs"), size)
+    pending = iter(range(len(jobs)))
+    lock = threading.Lock()
+    failed = threading.Event()
+    results = [None] * len(jobs)
+
+    def worker():
+        while not failed.is_set():
+            with lock:
+                index = next(pending, None)
+            if index is None:
+                return
+            program, args = jobs[index]
+            try:
+                results[index] = jax.block_until_ready(program(*args))
+            except BaseException:
+                failed.set()
+                raise
+
+    for future in [_pool[0].submit(worker) for _ in range(threads)]:
+        future.result()
+    return results
+
+
+#: On a CPU, ``register_many`` registers about this many voxels of pairs per call by
+#: default: 7 pairs of 96x96, 1 of 192x192 or 48x48x48 (benchmarks/population.py: on 2
+#: cores, 4-8 pairs of 96x96 a call gained the most, and one pair a call at 192x192).
+CPU_CHUNK_VOXELS = 1 << 16
+
+
+def plan(shape, platform: str, *, batch_size: int | None = None, threads: int | None = None):
+    """How :func:`register_many` spreads a batch of ``shape`` ``(pairs, *spatial)`` on one
+    device of ``platform`` ("cpu", "gpu", ...) before its memory check: returns
+    ``(batch_size, threads, chunks)``, ``chunks`` the ``[start, stop)`` pairs of each call."""
+    _check_count(batch_size, "batch_size")
+    _check_count(threads, "threads")
+    pairs, on_cpu = shape[0], platform == "cpu"
+    if batch_size is None and on_cpu:
+        batch_size = max(1, CPU_CHUNK_VOXELS // math.prod(shape[1:]))
+    if threads is None:
+        threads = _usable_cores() if on_cpu else 1
+    chunks = _chunk_bounds(pairs, batch_size, threads)
+    return batch_size, min(threads, len(chunks)), chunks
+
+
+def _check_count(value, name: str):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+
+
+def _platform(array) -> str:
+    return next(iter(array.devices())).platform
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _chunk_bounds(pairs: int, batch_size: int | None, threads: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of chunks of at most ``batch_size`` pairs, as many as a multiple
+    of ``threads`` where there are pairs enough, so that the threads finish together; sizes
+    differ by at most one (two compiled shapes at most)."""
+    size = pairs if batch_size is None else min(batch_size, pairs)
+    count = -(-pairs // size)
+    if threads > 1:
+        count = min(pairs, threads * -(-count // threads))
+    edges = np.linspace(0, pairs, count + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+@functools.lru_cache(maxsize=64)  # the analysis takes milliseconds; the executables are kept anyway
+def _bytes_per_call(executable) -> int:
+    try:
+        memory = executable.memory_analysis()
+        return int(memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes)
+    except Exception:  # a backend without the analysis: no estimate
+        return 0
+
+
+def _free_host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that reports it
+        return None
+
+
+def _calls_that_fit(executable, threads: int) -> int:
+    """``threads``, or fewer where that many calls at once would hold more than half of
+    the free host memory (each call has its own temporaries)."""
+    per_call, free = _bytes_per_call(executable), _free_host_memory()
+    if not per_call or free is None:
+        return threads
+    return max(1, min(threads, (free // 2) // per_call))
+
+
+def _sharded(run, devices: list, pairs: int):
+    if pairs % len(devices):
+        raise ValueError(f"{pairs} pairs cannot be split evenly over {len(devices)} devices")
+    device_ids = tuple(int(d.id) for d in devices)
+
+    def sharded(f, m):
+        # Each device runs the batch on its own pairs, so batch_size chunks each device's
+        # share (a lax.map under jit alone would run over the whole batch, replicated).
+        return jax.shard_map(run, mesh=_pairs_mesh(device_ids), in_specs=PartitionSpec("pairs"),
+                             out_specs=PartitionSpec("pairs"), check_vma=False)(f, m)
+
+    return sharded
 
 
 def _pairs_mesh(device_ids: tuple[int, ...]) -> Mesh:

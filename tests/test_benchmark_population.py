@@ -64,6 +64,23 @@ def test_page_section_adds_the_sharded_columns_before_the_compile_times():
     assert "devices=2" in text and "xla_force_host_platform_device_count=2" in text and "`batch_size=16`" in text
 
 
+def test_page_section_adds_the_library_columns_before_the_sharded_ones():
+    result = {"settings": {"size": 96, "steps": 40, "rounds": 7, "batch_size": 32, "devices": 2, "cpu_chunk_voxels": 65536},
+              "rows": [_row(8, speedup_min=1.25, speedup_max=1.75, library_pairs_per_s=17.0, library_speedup=2.13,
+                            library_speedup_min=1.9, library_speedup_max=2.2, library_calls=2, library_threads=2,
+                            devices=2, sharded_pairs_per_s=14.0, sharded_speedup=1.75, sharded_speedup_min=1.5,
+                            sharded_speedup_max=2.0),
+                       _row(1, speedup_min=0.9, speedup_max=1.1)]}
+    text = "\n".join(report.population_section(result, _NoPlots()))
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == ("| stage | pairs | vmap pairs/s | loop pairs/s | vmap ÷ loop | per round | register_many pairs/s | "
+                        "register_many ÷ loop | its per round | calls on threads | sharded pairs/s | sharded ÷ loop | "
+                        "sharded per round | vmap compile s | loop compile s |")
+    assert table[1] == "| svf | 8 | 16.00 | 8.00 | 2.00 | 1.25–1.75 | 17.00 | 2.13 | 1.90–2.20 | 2 on 2 | 14.00 | 1.75 | 1.50–2.00 | 3.0 | 0.1 |"
+    assert table[2] == "| svf | 1 | 2.00 | 1.00 | 2.00 | 0.90–1.10 |  |  |  |  |  |  |  | 3.0 | 0.1 |"
+    assert "about 65,536 voxels of pairs (`jaxreg.population.CPU_CHUNK_VOXELS`)" in text
+
+
 def test_host_device_count_is_read_from_the_command_line_before_jax_starts():
     assert population._host_devices_from(["--quick", "--host-devices", "3"]) == 3
     assert population._host_devices_from(["--host-devices=1"]) == 1

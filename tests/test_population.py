@@ -47,32 +47,174 @@ def test_register_many_equals_a_loop_over_pairs():
 
 def test_register_many_in_batches_and_kept_program():
     """batch_size=2 over 3 pairs (a full batch and a remainder) gives the all-at-once
-    result, and a second call with equal settings compiles nothing."""
+    result, in one program (threads=1) or two concurrent calls (threads=2), and a second
+    call with equal settings compiles nothing."""
     from jaxreg import _programs
 
     base, moving = _batch(3)
     fixed = jnp.broadcast_to(base, moving.shape)
-    whole, _ = register_many(register_svf, fixed, moving, **_options())
-    in_twos, _ = register_many(register_svf, fixed, moving, batch_size=2, **_options())
-    np.testing.assert_allclose(in_twos.field, whole.field, atol=1e-4)
-    calls = []
+    whole, _ = register_many(register_svf, fixed, moving, batch_size=3, threads=1, **_options())
     original = _programs.compiled
+    for threads, programs in ((1, 1), (2, 2)):  # one lax.map program; or chunks of 2 and 1 pairs
+        in_twos, _ = register_many(register_svf, fixed, moving, batch_size=2, threads=threads, **_options())
+        np.testing.assert_allclose(in_twos.field, whole.field, atol=1e-4)
+        calls = []
 
-    def counting(fn, args):
+        def counting(fn, args):
+            executable, hit = original(fn, args)
+            calls.append(hit)
+            return executable, hit
+
+        _programs.compiled = counting
+        try:
+            again, _ = register_many(register_svf, fixed, moving, batch_size=2, threads=threads, **_options())
+        finally:
+            _programs.compiled = original
+        assert calls == [True] * programs
+        np.testing.assert_array_equal(again.field, in_twos.field)
+    for name in ("batch_size", "threads"):
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ValueError, match=name):
+                register_many(register_svf, fixed, moving, **{name: bad}, **_options())
+
+
+@pytest.mark.parametrize(
+    "pairs, batch_size, threads, expected",
+    [
+        (8, None, 1, [(0, 8)]),
+        (8, 3, 1, [(0, 3), (3, 5), (5, 8)]),  # ceil(8 / 3) = 3 chunks, sizes within one of each other
+        (8, None, 2, [(0, 4), (4, 8)]),
+        (8, 3, 2, [(0, 2), (2, 4), (4, 6), (6, 8)]),  # 3 chunks rounded up to a multiple of 2 threads
+        (3, 7, 2, [(0, 2), (2, 3)]),
+        (2, None, 4, [(0, 1), (1, 2)]),  # never an empty chunk
+        (37, 7, 2, [(0, 6), (6, 12), (12, 18), (18, 25), (25, 31), (31, 37)]),
+    ],
+)
+def test_chunks_cover_the_pairs_in_order(pairs, batch_size, threads, expected):
+    from jaxreg.population import _chunk_bounds
+
+    bounds = _chunk_bounds(pairs, batch_size, threads)
+    assert bounds == expected
+    assert len({stop - start for start, stop in bounds}) <= 2
+
+
+def test_the_plan_on_cpu_and_on_an_accelerator(monkeypatch):
+    from jaxreg import population
+
+    monkeypatch.setattr(population, "_usable_cores", lambda: 2)
+    # 65536 voxels a call: 7 pairs of 96x96, split so both cores have work
+    assert population.plan((8, 96, 96), "cpu") == (7, 2, [(0, 4), (4, 8)])
+    assert population.plan((32, 96, 96), "cpu") == (7, 2, [(0, 5), (5, 11), (11, 16), (16, 21), (21, 27), (27, 32)])
+    assert population.plan((4, 48, 48, 48), "cpu") == (1, 2, [(0, 1), (1, 2), (2, 3), (3, 4)])
+    assert population.plan((1, 96, 96), "cpu") == (7, 1, [(0, 1)])
+    assert population.plan((8, 96, 96), "cpu", batch_size=8, threads=1) == (8, 1, [(0, 8)])
+    assert population.plan((8, 96, 96), "gpu") == (None, 1, [(0, 8)])  # all at once
+    with pytest.raises(ValueError, match="threads"):
+        population.plan((8, 96, 96), "cpu", threads=0)
+
+
+def test_concurrent_calls_run_on_worker_threads_and_keep_the_order(monkeypatch):
+    """threads=2 runs the chunk programs from two host threads at once (they overlap in
+    time), and the pairs come back in their input order."""
+    import threading
+    import time
+
+    from jaxreg import _programs
+
+    base, moving = _batch(4)
+    fixed = jnp.broadcast_to(base, moving.shape)
+    expected, _ = register_many(register_svf, fixed, moving, threads=1, **_options())
+    spans, original = [], _programs.compiled
+
+    def slowed(fn, args):
         executable, hit = original(fn, args)
-        calls.append(hit)
-        return executable, hit
 
-    _programs.compiled = counting
-    try:
-        again, _ = register_many(register_svf, fixed, moving, batch_size=2, **_options())
-    finally:
-        _programs.compiled = original
-    assert calls == [True]
-    np.testing.assert_array_equal(again.field, in_twos.field)
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="batch_size"):
-            register_many(register_svf, fixed, moving, batch_size=bad, **_options())
+        def run(*inputs):
+            start = time.perf_counter()
+            out = jax.block_until_ready(executable(*inputs))
+            time.sleep(0.2)  # long enough that two sequential calls could not overlap
+            spans.append((threading.current_thread().name, start, time.perf_counter()))
+            return out
+
+        run.memory_analysis = executable.memory_analysis
+        return run, hit
+
+    monkeypatch.setattr(_programs, "compiled", slowed)
+    velocity, losses = register_many(register_svf, fixed, moving[::-1], batch_size=1, threads=2, **_options())
+    names = {name for name, _, _ in spans}
+    assert len(spans) == 4 and len(names) == 2 and all(name.startswith("jaxreg-pairs") for name in names)
+    (_, a0, a1), (_, b0, b1) = sorted(spans, key=lambda span: span[1])[:2]
+    assert b0 < a1, "the first two calls did not overlap"
+    np.testing.assert_allclose(velocity.field, expected.field[::-1], atol=1e-4)
+    assert losses[0].shape == (4, 12)
+
+
+def test_concurrent_jobs_keep_their_order_and_raise_the_first_error():
+    import threading
+    import time
+
+    from jaxreg.population import _run_concurrently
+
+    started = []
+
+    def job(value, delay):
+        def program(x):
+            started.append(value)
+            time.sleep(delay)
+            return x * value
+
+        return program, (jnp.float32(2.0),)
+
+    jobs = [job(v, d) for v, d in ((1, 0.05), (2, 0.0), (3, 0.02), (4, 0.0))]
+    assert [float(r) for r in _run_concurrently(jobs, 2)] == [2.0, 4.0, 6.0, 8.0]
+    assert sorted(started) == [1, 2, 3, 4]
+
+    def broken(x):
+        raise RuntimeError("chunk 1 failed")
+
+    started.clear()
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="chunk 1 failed"):
+        _run_concurrently([job(1, 0.0), (broken, (jnp.float32(0.0),))] + [job(v, 0.05) for v in range(5, 12)], 1)
+    assert started == [1]  # one thread: nothing after the error started
+    assert threading.active_count() <= before  # the pool's threads were kept, no new ones
+
+
+def test_concurrent_calls_are_limited_by_free_memory(monkeypatch):
+    from jaxreg import population
+
+    class Program:
+        def memory_analysis(self):
+            return type("M", (), dict(temp_size_in_bytes=300, argument_size_in_bytes=50, output_size_in_bytes=50))()
+
+    monkeypatch.setattr(population, "_free_host_memory", lambda: 2000)
+    assert population._calls_that_fit(Program(), 8) == 2  # 1000 bytes (half the free) / 400 a call
+    monkeypatch.setattr(population, "_free_host_memory", lambda: 100)
+    assert population._calls_that_fit(Program(), 8) == 1
+    monkeypatch.setattr(population, "_free_host_memory", lambda: None)
+    assert population._calls_that_fit(Program(), 8) == 8  # nothing known: as asked
+    # register_many falls back to one program and still gives every pair
+    monkeypatch.setattr(population, "_free_host_memory", lambda: 1)
+    base, moving = _batch(3)
+    fixed = jnp.broadcast_to(base, moving.shape)
+    velocity, _ = register_many(register_svf, fixed, moving, batch_size=1, threads=3, **_options())
+    single, _ = register_svf(Image(base), Image(moving[2]), **_options())
+    np.testing.assert_allclose(velocity.field[2], single.field, atol=1e-4)
+
+
+def test_register_many_under_jit_and_vmap_is_the_eager_result():
+    """Under an outer transformation there is nothing to compile ahead or to run on
+    threads: the batch is traced inline, one vmap (a lax.map with batch_size)."""
+    base, moving = _batch(4)
+    fixed = jnp.broadcast_to(base, moving.shape)
+    eager, _ = register_many(register_svf, fixed, moving, **_options())
+    jitted = jax.jit(lambda f, m: register_many(register_svf, f, m, batch_size=3, **_options())[0].field)(fixed, moving)
+    np.testing.assert_allclose(jitted, eager.field, atol=1e-4)
+    # vmap over groups of pairs: (2 groups, 2 pairs, ...)
+    grouped = jax.vmap(lambda f, m: register_many(register_svf, f, m, **_options())[0].field)(
+        fixed.reshape((2, 2) + SHAPE), moving.reshape((2, 2) + SHAPE)
+    )
+    np.testing.assert_allclose(grouped.reshape(eager.field.shape), eager.field, atol=1e-4)
 
 
 def test_register_many_rejects_bad_batches():
@@ -82,6 +224,8 @@ def test_register_many_rejects_bad_batches():
         register_many(register_svf, jnp.zeros((8,)), jnp.zeros((8,)))
     with pytest.raises(ValueError, match="evenly"):
         register_many(register_svf, jnp.ones((3, 8, 8)), jnp.ones((3, 8, 8)), devices=[jax.devices()[0]] * 2)
+    with pytest.raises(ValueError, match="threads=2 does not combine with devices"):
+        register_many(register_svf, jnp.ones((2, 8, 8)), jnp.ones((2, 8, 8)), devices=1, threads=2)
 
 
 def test_asking_for_more_devices_than_there_are_is_an_error():
