@@ -1,16 +1,14 @@
-"""Many pairs at once: one registration ``vmap``-ed over a batch, sharded over devices, and
-groupwise template building.
+"""Many pairs at once: one registration ``vmap``-ed over a batch, run concurrently on a
+CPU's cores or sharded over devices, and groupwise template building.
 
 A registration stage is a pure function of its images, so a batch of same-shape pairs
-is ``jax.vmap`` of the same call, compiled as one program. With several devices the
-batch axis is split across them with ``jax.sharding`` (each device registers its share
-of the pairs; nothing is communicated).
-
-On a CPU, make each core a device: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
-(set before JAX starts), then ``register_many(..., devices=N)``. XLA CPU runs one
-device's program on few threads when its arrays are small, so a vmapped batch on one
-device leaves cores idle that the sharded one uses (``docs/population.md`` has the
-numbers).
+is ``jax.vmap`` of the same call. On an accelerator the whole batch is one program. On a
+CPU, XLA runs one program's small arrays on one core, so :func:`register_many` cuts the
+batch into cache-sized chunks and runs one vmapped call per core at the same time, from
+host threads (:func:`plan` says how). With several devices the batch axis is split
+across them with ``jax.sharding`` (each device registers its share of the pairs;
+nothing is communicated); on a CPU ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+(set before JAX starts) makes each core a device. ``docs/population.md`` has the numbers.
 """
 
 from __future__ import annotations
