@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxreg import differential
+from jaxreg import grid as grid_module
 from jaxreg.grid import Grid, Image, as_image, precise_matmul
 from jaxreg.transforms import rotation_matrix
 from tests.helpers import assert_grad_matches_fd, assert_jit_matches, assert_vmap_matches_loop
@@ -114,8 +115,8 @@ def test_jacobian_of_map_gradients_match_finite_differences_and_forward_mode():
     np.testing.assert_allclose(forward, jnp.sum(jax.grad(energy)(jnp.asarray(mapped)) * direction), rtol=1e-4)
     # the identity itself: free in the forward pass, a product with I in both derivatives
     points = jnp.asarray(mapped)
-    assert "dot_general" not in str(jax.make_jaxpr(differential._cotangent_summed_apart)(points))
-    assert "dot_general" in str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(differential._cotangent_summed_apart(p))))(points))
+    assert "dot_general" not in str(jax.make_jaxpr(grid_module.cotangent_summed_apart)(points))
+    assert "dot_general" in str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(grid_module.cotangent_summed_apart(p))))(points))
     np.testing.assert_array_equal(jax.jit(jax.vmap(lambda p: differential.jacobian_of_map(p, grid)))(points[None]),
                                   differential.jacobian_of_map(points, grid)[None])
 
@@ -143,3 +144,23 @@ def test_apply_linear_matches_matmul_with_gradients_and_keeps_numpy_on_the_host(
     np.testing.assert_allclose(grad_l, np.einsum("abi,abk->ik", weights, vectors), rtol=1e-4, atol=1e-4)
     batched = jax.jit(jax.vmap(lambda v: apply_linear(jnp.asarray(linear), v)))(vectors)
     np.testing.assert_allclose(batched, vectors @ linear.T, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_linear_sums_the_cotangent_of_few_3d_points_apart():
+    """Up to _SUM_APART_MAX_POINTS 3-D points, the points' cotangent passes through a
+    product with I (an array of its own); 2-D points and larger sets are left to XLA."""
+    linear = jnp.asarray(np.random.default_rng(6).standard_normal((3, 3)).astype(np.float32))
+
+    def backward(points):
+        matrix = linear[: points.shape[-1], : points.shape[-1]]
+        return str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(grid_module.apply_linear(matrix, p) ** 2)))(points))
+
+    few = grid_module._SUM_APART_MAX_POINTS
+    assert backward(jnp.zeros((few, 3))).count("dot_general") == 1
+    assert "dot_general" not in backward(jnp.zeros((few + 1, 3)))
+    assert "dot_general" not in backward(jnp.zeros((few, 2)))
+    assert "dot_general" not in str(jax.make_jaxpr(lambda p: grid_module.apply_linear(linear, p))(jnp.zeros((8, 3))))
+    # same values and gradients either way
+    points = jnp.asarray(np.random.default_rng(7).standard_normal((5, 3)).astype(np.float32))
+    energy = lambda p: jnp.sum(jnp.sin(grid_module.apply_linear(linear, p)))  # noqa: E731
+    np.testing.assert_allclose(jax.grad(energy)(points), jnp.cos(points @ linear.T) @ linear, rtol=1e-5, atol=1e-6)
