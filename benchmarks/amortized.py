@@ -31,7 +31,8 @@ steps, not the waits for a turn, and the ratio is also reported turn by turn.
 - the 3-D network: ``python examples/gradicon_3d.py --steps N3 --out DIR``, then its
   icon_registration copy ``python benchmarks/peers/icon_3d.py`` with the same arguments
   (same training pairs, same U-Net, GradICON with λ converted, scored by the example's
-  own functions), one after the other; the speed-up compares their steps/s.
+  own functions), side by side taking turns every 25 training steps (jaxreg's chunk of
+  steps there); the speed-up compares their steps/s, also turn by turn.
 
 A run that cannot happen (example missing, icon_registration not importable) is a row
 with the reason. The experiment: an MLP on the two 28×28 images, applied 8 times with
@@ -252,7 +253,8 @@ def mnist_rows(loss: str, args, workdir: str) -> list[dict]:
 def network3d_rows(args, workdir: str) -> list[dict]:
     """The 3-D GradICON network: jaxreg's example, then icon_registration's copy of it
     (``benchmarks/peers/icon_3d.py``, same data, network, loss and evaluation) once per
-    ``--icon-threads`` value. The example does not take turns, so each runs alone."""
+    ``--icon-threads`` value, side by side taking turns every 25 training steps (or one after
+    the other with ``--one-at-a-time``)."""
     base = {"network": NETWORK_3D, "loss": "gradicon", "steps": args.steps_3d}
     common = ["--steps", str(args.steps_3d), *args.args_3d.split()]
     planned, jobs = [dict(base, tool="jaxreg")], []
@@ -265,8 +267,9 @@ def network3d_rows(args, workdir: str) -> list[dict]:
         folder = os.path.join(workdir, f"icon-3d-{threads}")
         jobs.append(([args.peer_python, ICON_3D_PEER, "--out", folder, *common, "--threads", str(threads)], folder, environment(False)))
         planned.append(dict(base, tool="icon_registration", threads=threads))
-    print("[3-D] " + ", ".join(tool_name(r) for r in planned if "status" not in r) + ": one after the other ...", file=sys.stderr, flush=True)
-    records = iter(run_group(jobs, args.timeout, in_turn=False))
+    how = "one after the other" if args.one_at_a_time else "side by side, in turn"
+    print("[3-D] " + ", ".join(tool_name(r) for r in planned if "status" not in r) + f": {how} ...", file=sys.stderr, flush=True)
+    records = iter(run_group(jobs, args.timeout, in_turn=not args.one_at_a_time))
     return [row if "status" in row else dict(row, **next(records)) for row in planned]
 
 
@@ -401,14 +404,18 @@ def how_compared(result: dict) -> str:
     runs = max(c.get("runs_per_config", 1) for c in comparisons)
     has_mnist = any(_network(c) == "mnist-multistep" for c in comparisons)
     has_3d = any(_network(c) != "mnist-multistep" for c in comparisons)
-    one_after = ("The 3-D network's runs went one after the other (its example does not take turns), each alone on "
-                 "the machine. " if has_3d else "")
-    turns = ("MNIST: all configurations of a loss ran side by side, taking turns on the machine every 50 training steps (only "
+    settings = result.get("settings") or {}
+    # Files written before the 3-D runs took turns have no "turns_3d": theirs ran one after the other.
+    mnist_turns = has_mnist and settings.get("side_by_side")
+    turns_3d = has_3d and settings.get("turns_3d")
+    blocks = " and ".join(f"{what} every {n} training steps" for what, n, present in
+                          (("MNIST", 50, mnist_turns), ("the 3-D network", 25, turns_3d)) if present)
+    turns = (f"The configurations of a network and loss ran side by side, taking turns on the machine ({blocks}; only "
              "the one holding the turn computes; start-up, compilation and evaluation run in turns of their own), so "
              "that a machine whose speed drifts slows both sides alike. **per turn**: the ratio of the two compared "
-             "configurations within each turn (the k-th block of 50 steps of each; the first, with start-up, left out), "
-             "median (min–max) over the turns. "
-             if has_mnist and (result.get("settings") or {}).get("side_by_side") else "")
+             "configurations within each turn (the k-th block of steps of each; the first, with start-up, left out), "
+             "median (min–max) over the turns. " if blocks else "")
+    one_after = "The 3-D network's runs went one after the other, each alone on the machine. " if has_3d and not turns_3d else ""
     return turns + one_after + (f"Each configuration ran {runs} times; steps/s are medians over those runs, and each side's fastest "
                     "configuration (by median) is compared. **per round**: the ratio of both sides' fastest rows within "
                     "each round." if runs > 1 else "Each side's fastest row is compared.")
@@ -554,7 +561,8 @@ def main(argv=None) -> int:
         "settings": {"quick": args.quick, "steps": args.steps, "steps_3d": args.steps_3d, "losses": losses, "seed": args.seed,
                      "data": args.data, "peer_python": args.peer_python, "target_speedup": TARGET_SPEEDUP,
                      "threads": cores, "icon_threads": args.icon_threads, "jaxreg_devices": args.jaxreg_devices,
-                     "repeats": args.repeats, "lmbda": args.lmbda, "side_by_side": not args.one_at_a_time},
+                     "repeats": args.repeats, "lmbda": args.lmbda, "side_by_side": not args.one_at_a_time,
+                     "turns_3d": not args.one_at_a_time},
         "rows": [],
         "comparisons": [],
     }

@@ -441,8 +441,9 @@ def amortized_section(result: dict, plots: Plots) -> list[str]:
     if network_3d:
         lines += [f"3-D network: `examples/gradicon_3d.py --steps {settings.get('steps_3d')}` in its own process "
                   "(a two-step U-Net trained with GradICON on synthetic shapes; evaluated on new synthetic pairs and on "
-                  "the OASIS pair, which it never saw), then icon_registration's copy of it (`benchmarks/peers/icon_3d.py`: the "
-                  "same training pairs, U-Net, GradICON loss and scoring), one after the other.", ""]
+                  "the OASIS pair, which it never saw), and icon_registration's copy of it (`benchmarks/peers/icon_3d.py`: the "
+                  "same training pairs, U-Net, GradICON loss and scoring), "
+                  + ("side by side, taking turns every 25 steps." if settings.get("turns_3d") else "one after the other."), ""]
     busy = busy_note(result) if result.get("rows") else ""
     if busy:
         lines += [f"!!! warning\n    {busy}", ""]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -129,3 +130,21 @@ def plt_figure(*args, **kwargs):
     from matplotlib.figure import Figure
 
     return Figure(*args, **kwargs)
+
+
+def benchmark_turn():
+    """When ``benchmarks/amortized.py`` runs an example side by side with its peer, the
+    turn they share the machine by (see ``benchmarks/_turns.py``); None on its own."""
+    if not os.environ.get("JAXREG_BENCH_TURN_FDS"):
+        return None
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks._turns import Turn
+
+    return Turn.from_environment()
+
+
+def block_steps_per_second(history) -> list[float]:
+    """Steps per second of each chunk of ``jaxreg.nn.train``'s history (the first holds
+    compilation): the blocks a benchmark compares turn by turn with its peer's."""
+    return [(b["step"] - a["step"]) / b["seconds"] for a, b in zip([{"step": 0}] + list(history), history)]

@@ -28,7 +28,6 @@ more than 0.1 at some step.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import time
@@ -40,7 +39,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, write_metrics  # noqa: E402
+from _common import SHARED_DATA, benchmark_turn, block_steps_per_second, write_metrics  # noqa: E402
 
 import jaxreg.nn as jnn  # noqa: E402
 from jaxreg import datasets, viz  # noqa: E402
@@ -154,16 +153,6 @@ def figure(path: Path, pairs: dict, warped_steps, fields, count: int = 6):
     plt.close(fig)
 
 
-def benchmark_turn():
-    """When ``benchmarks/amortized.py`` runs this example side by side with its peer, the
-    turn they share the machine by (see ``benchmarks/_turns.py``); None on its own."""
-    if not os.environ.get("JAXREG_BENCH_TURN_FDS"):
-        return None
-    from benchmarks._turns import Turn
-
-    return Turn.from_environment()
-
-
 def training_devices(count: int):
     """The first ``count`` devices (None for one). Without an accelerator JAX is asked for
     ``count`` CPU devices, which must happen before it first runs anything."""
@@ -237,7 +226,7 @@ def main(argv=None) -> int:
         "train_seconds": train_seconds,
         "compile_seconds": compile_seconds,
         "steps_per_second": steps_per_second,
-        "block_steps_per_second": [(b["step"] - a["step"]) / b["seconds"] for a, b in zip([{"step": 0}] + history, history)],
+        "block_steps_per_second": block_steps_per_second(history),
         "final_loss": float(np.mean([h["loss"] for h in history[-1:]])) if history else float("nan"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "inference_pairs_per_second": inference_pairs_per_second,

@@ -42,7 +42,14 @@ Five things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (ja
   took 136-176 ms where torch's ``conv3d`` took 240-325 ms (``benchmarks/results/kernels-conv.md``).
   That is torch on its default NCDHW layout; on ``channels_last_3d`` tensors torch picks
   other oneDNN kernels and took 49 ms against jaxreg's 148 (``benchmarks/results/kernels.md``,
-  2026-11-22 17:33): the gap this module has not closed.
+  2026-11-22 17:33): the gap this module has not closed. Tried against it, and lost
+  (64^3 layer, forward, 2 cores): XLA's library flags (``--xla_cpu_use_onednn`` with
+  ``--xla_cpu_experimental_onednn_custom_call``, ``--xla_cpu_use_xnnpack``,
+  ``--xla_cpu_experimental_{onednn,xnn,ynn}_fusion_type=individual_convolution``) left
+  both lax's and this module's convolutions within noise (61-67 ms for this module's);
+  an explicit im2col (the 27 shifted copies side by side, one matrix product per chunk
+  of 4-64 depth slices) took 146-414 ms against 62 ms, its concatenation of 8-channel
+  slices being the cost (the product alone runs at 130-220 GFLOP/s).
 
 Together: the 3-D GradICON training step of ``examples/gradicon_3d.py`` (two-step U-Net,
 2 pairs of 32^3) ran 0.7 s per step in ``train``'s scan, against 3.5 s with lax's
