@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxreg import _checks
-from jaxreg.grid import Grid, cotangent_summed_apart, precise_matmul
+from jaxreg.grid import Grid, cotangent_summed_apart, points_matmul
 
 __all__ = [
     "spacing_vector",
@@ -85,7 +85,7 @@ def jacobian_of_map(mapped_points, grid: Grid):
     mapped_points = cotangent_summed_apart(mapped_points)
     d_index = jnp.stack([central_difference(mapped_points, k) for k in range(grid.ndim)], axis=-1)
     inverse_linear = jnp.linalg.inv(jnp.asarray(grid.linear, dtype=mapped_points.dtype))
-    return precise_matmul(d_index, inverse_linear)
+    return points_matmul(d_index, inverse_linear)
 
 
 def determinant(matrices):

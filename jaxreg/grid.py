@@ -36,6 +36,33 @@ def precise_matmul(a, b):
     return jnp.matmul(a, b, precision=PRECISE)
 
 
+# Rows of points multiplied per block in points_matmul.
+_POINTS_PER_BLOCK = 16
+
+
+def points_matmul(points, matrix):
+    """``points @ matrix`` for many ``(..., d)`` points and a small ``(d, e)`` matrix, in
+    full float32 (:func:`precise_matmul`), as blocks of up to 16 points against
+    ``kron(I, matrix)``: the same sums (plus exact zeros), but a product XLA CPU's matrix
+    library runs fast. With d = e = 3, 2 cores: 1.0 against 0.18 ms for 65,536 points, 255
+    against 149 ms for 160x192x224x3 (the Jacobian of a field); the 3-D GradICON step,
+    whose Jacobians and cotangent identities take 12 such products, 192 -> 186 ms median
+    (bit-identical parameters). Written out elementwise instead, the Jacobian fused into
+    its consumers and that step took 194 against 183 ms.
+
+    The zeros have a cost only for non-finite input: ``0 * inf`` is NaN, so an infinite
+    or NaN coordinate makes the other points of its block (the up to 16 rows it shares a
+    product with) NaN too."""
+    points = jnp.asarray(points)
+    d, e = matrix.shape
+    count = math.prod(points.shape[:-1])
+    block = next(b for b in (_POINTS_PER_BLOCK, 8, 4, 2, 1) if b <= _POINTS_PER_BLOCK and count % b == 0)
+    if block == 1:
+        return precise_matmul(points, matrix)
+    blocked = precise_matmul(points.reshape(-1, block * d), jnp.kron(jnp.eye(block, dtype=matrix.dtype), matrix))
+    return blocked.reshape(points.shape[:-1] + (e,))
+
+
 # apply_linear passes 3-D points through cotangent_summed_apart up to this many per call
 # (per pair under vmap): a world-to-index map of points read from a field gets the same
 # fused-cotangent treatment as jacobian_of_map. 3-D GradICON step (32^3, batch 2), 20
@@ -66,7 +93,7 @@ def cotangent_summed_apart(points):
 def _cotangent_summed_apart_jvp(primals, tangents):
     (points,), (tangent,) = primals, tangents
     eye = jnp.eye(points.shape[-1], dtype=points.dtype)
-    return points, precise_matmul(tangent, eye)
+    return points, points_matmul(tangent, eye)
 
 
 def identity_affine(ndim: int) -> np.ndarray:

@@ -1,3 +1,5 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,6 +146,29 @@ def test_apply_linear_matches_matmul_with_gradients_and_keeps_numpy_on_the_host(
     np.testing.assert_allclose(grad_l, np.einsum("abi,abk->ik", weights, vectors), rtol=1e-4, atol=1e-4)
     batched = jax.jit(jax.vmap(lambda v: apply_linear(jnp.asarray(linear), v)))(vectors)
     np.testing.assert_allclose(batched, vectors @ linear.T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lead", [(4, 8), (5, 3), (6,), (7,), (2, 3, 5, 3)])
+def test_points_matmul_matches_numpy_under_jit_vmap_and_grad(lead):
+    from helpers import assert_grad_matches_fd
+
+    rng = np.random.default_rng(8)
+    d, e = (3, 3) if lead[-1] != 7 else (2, 4)
+    points = rng.standard_normal(lead + (d,)).astype(np.float32)
+    matrix = rng.standard_normal((d, e)).astype(np.float32)
+    expected = points.astype(np.float64) @ matrix.astype(np.float64)
+    np.testing.assert_allclose(grid_module.points_matmul(points, jnp.asarray(matrix)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(grid_module.points_matmul)(points, matrix), expected, rtol=1e-5, atol=1e-5)
+    batched = jax.vmap(grid_module.points_matmul, in_axes=(0, None))(jnp.stack([points, 2 * points]), matrix)
+    np.testing.assert_allclose(batched[1], 2 * expected, rtol=1e-5, atol=1e-5)
+    weights = jnp.asarray(rng.standard_normal(lead + (e,)).astype(np.float32))
+    assert_grad_matches_fd(lambda p: jnp.sum(weights * jnp.sin(grid_module.points_matmul(p, jnp.asarray(matrix)))), points)
+    # A non-finite point turns at most the other points of its block (16 rows) NaN.
+    bad = np.tile(points.reshape(-1, d), (40 // math.prod(lead) + 1, 1))[:32]
+    bad[0, 0] = np.inf
+    out = np.asarray(grid_module.points_matmul(bad, jnp.asarray(matrix)))
+    assert not np.all(np.isfinite(out[0]))
+    assert np.all(np.isfinite(out[grid_module._POINTS_PER_BLOCK :]))
 
 
 def test_apply_linear_sums_the_cotangent_of_few_3d_points_apart():

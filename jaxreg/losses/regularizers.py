@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxreg import _checks, differential
-from jaxreg.grid import Grid, precise_matmul
+from jaxreg.grid import Grid, points_matmul
 
 __all__ = [
     "diffusion",
@@ -199,7 +199,7 @@ def _displacement_jacobian(u, spacing, h):
         # exact for oblique and sheared grids, where per-axis spacing is not.
         d_index = jnp.stack([differential.central_difference(u, i) for i in range(d)], axis=-1)
         inverse_linear = jnp.linalg.inv(jnp.asarray(spacing.linear, dtype=jnp.float32))
-        return precise_matmul(d_index, inverse_linear.astype(jnp.result_type(d_index.dtype, jnp.float32)))
+        return points_matmul(d_index, inverse_linear.astype(jnp.result_type(d_index.dtype, jnp.float32)))
     return differential.spatial_gradient(u, h, ndim=d)
 
 
