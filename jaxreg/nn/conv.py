@@ -49,7 +49,16 @@ Five things make flax's default ``lax.conv_general_dilated`` slow on XLA CPU (ja
   both lax's and this module's convolutions within noise (61-67 ms for this module's);
   an explicit im2col (the 27 shifted copies side by side, one matrix product per chunk
   of 4-64 depth slices) took 146-414 ms against 62 ms, its concatenation of 8-channel
-  slices being the cost (the product alone runs at 130-220 GFLOP/s).
+  slices being the cost (the product alone runs at 130-220 GFLOP/s). Stacking the
+  kernel's depth taps in the OUTPUT channels instead (one 2-D convolution of the
+  depth-padded input to ``kd * O`` channels, then the taps' shifted outputs summed: no
+  copy of the input) lost on every U-Net layer shape, forward and both gradients: 0.36x
+  (32^3, 8 -> 16) to 0.89x (16^3, 16 -> 16 and 48 -> 16). XLA CPU runs each of these
+  convolutions in a YNNPACK fusion on one thread (the same time with 1 core or 2), and
+  two independent ones from a split batch ran one after the other; with YNNPACK kept to
+  matrix products (``xla_cpu_experimental_ynn_fusion_type``, which a compile can set),
+  Eigen's convolutions use both cores but the 3-D GradICON step was slower (200 against
+  175 ms).
 
 Together: the 3-D GradICON training step of ``examples/gradicon_3d.py`` (two-step U-Net,
 2 pairs of 32^3) ran 0.7 s per step in ``train``'s scan, against 3.5 s with lax's
