@@ -251,18 +251,22 @@ def mnist_rows(loss: str, args, workdir: str) -> list[dict]:
 
 
 def network3d_rows(args, workdir: str) -> list[dict]:
-    """The 3-D GradICON network: jaxreg's example, then icon_registration's copy of it
-    (``benchmarks/peers/icon_3d.py``, same data, network, loss and evaluation) once per
-    ``--icon-threads`` value, side by side taking turns every 25 training steps (or one after
+    """The 3-D GradICON network: jaxreg's example once per ``--jaxreg-devices`` value and
+    icon_registration's copy of it (``benchmarks/peers/icon_3d.py``, same data, network,
+    loss and evaluation) once per ``--icon-threads`` value, side by side taking turns every 25 training steps (or one after
     the other with ``--one-at-a-time``)."""
     base = {"network": NETWORK_3D, "loss": "gradicon", "steps": args.steps_3d}
     common = ["--steps", str(args.steps_3d), *args.args_3d.split()]
-    planned, jobs = [dict(base, tool="jaxreg")], []
-    if not os.path.exists(JAXREG_3D_EXAMPLE):
-        planned[0].update(status="skipped", note="examples/gradicon_3d.py not found")
-    else:
-        folder = os.path.join(workdir, "jaxreg-3d")
-        jobs.append(([sys.executable, JAXREG_3D_EXAMPLE, "--out", folder, *common], folder, environment(True)))
+    planned, jobs = [], []
+    for devices in args.jaxreg_devices:
+        row = dict(base, tool="jaxreg", devices=devices)
+        if not os.path.exists(JAXREG_3D_EXAMPLE):
+            row.update(status="skipped", note="examples/gradicon_3d.py not found")
+        else:
+            folder = os.path.join(workdir, f"jaxreg-3d-{devices}")
+            jobs.append(([sys.executable, JAXREG_3D_EXAMPLE, "--out", folder, *common, "--devices", str(devices)],
+                         folder, environment(True)))
+        planned.append(row)
     for threads in args.icon_threads:
         folder = os.path.join(workdir, f"icon-3d-{threads}")
         jobs.append(([args.peer_python, ICON_3D_PEER, "--out", folder, *common, "--threads", str(threads)], folder, environment(False)))

@@ -148,3 +148,17 @@ def block_steps_per_second(history) -> list[float]:
     """Steps per second of each chunk of ``jaxreg.nn.train``'s history (the first holds
     compilation): the blocks a benchmark compares turn by turn with its peer's."""
     return [(b["step"] - a["step"]) / b["seconds"] for a, b in zip([{"step": 0}] + list(history), history)]
+
+
+def training_devices(count: int):
+    """The first ``count`` devices (None for one). Without an accelerator JAX is asked for
+    ``count`` CPU devices, which must happen before it first runs anything."""
+    if count < 1:
+        raise SystemExit(f"--devices must be >= 1; got {count}")
+    if count == 1:
+        return None
+    jax.config.update("jax_num_cpu_devices", count)
+    devices = jax.devices()
+    if len(devices) < count:
+        raise SystemExit(f"--devices {count}: only {len(devices)} device(s) available")
+    return devices[:count]

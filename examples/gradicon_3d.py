@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OASIS, benchmark_turn, block_steps_per_second, oasis_path, write_metrics  # noqa: E402
+from _common import OASIS, benchmark_turn, block_steps_per_second, oasis_path, training_devices, write_metrics  # noqa: E402
 
 import jaxreg  # noqa: E402
 import jaxreg.nn as jnn  # noqa: E402
@@ -144,8 +144,13 @@ def main(argv=None) -> int:
     parser.add_argument("--features", default="8,16,16,32")
     parser.add_argument("--oasis-shape", default="80,96,112", help="network input grid for the OASIS test")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="shard each batch over this many devices; on a machine without an accelerator, that many "
+                             "XLA CPU devices (XLA CPU runs each convolution on one thread, so one device per core "
+                             "lets the pairs' convolutions run at once)")
     parser.add_argument("--out", type=Path, default=Path("results/gradicon3d"))
     args = parser.parse_args(argv)
+    devices = training_devices(args.devices)
     features = tuple(int(f) for f in args.features.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -156,7 +161,7 @@ def main(argv=None) -> int:
     model, state, history = jnn.train(
         model, jnn.gradicon(lmbda=args.lmbda), sampler, optax.adam(args.lr), steps=args.steps, seed=args.seed,
         log_every=max(1, min(BLOCK, args.steps)), checkpoint=args.out / "model.ckpt", resume=False, spec=model_spec,
-        log_file=args.out / "log.jsonl", before_chunk=turn,
+        log_file=args.out / "log.jsonl", before_chunk=turn, devices=devices,
     )
     if turn is not None:
         turn()  # the evaluation below runs in a turn of its own
@@ -177,6 +182,7 @@ def main(argv=None) -> int:
         "final_loss": history[-1]["loss"] if history else float("nan"),
         "synthetic": evaluate_synthetic(model, synthetic_sampler(args.size, 32, args.amplitude), jax.random.key(args.seed + 1000)),
         "device": jax.devices()[0].device_kind,
+        "devices": args.devices,
     }
     if oasis_path(1, "aligned_norm.nii.gz").exists():
         input_shape = tuple(int(n) for n in args.oasis_shape.split(","))

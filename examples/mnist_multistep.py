@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, benchmark_turn, block_steps_per_second, write_metrics  # noqa: E402
+from _common import SHARED_DATA, benchmark_turn, block_steps_per_second, training_devices, write_metrics  # noqa: E402
 
 import jaxreg.nn as jnn  # noqa: E402
 from jaxreg import datasets, viz  # noqa: E402
@@ -151,20 +151,6 @@ def figure(path: Path, pairs: dict, warped_steps, fields, count: int = 6):
     fig.tight_layout()
     viz.save_figure(fig, path, overwrite=True, dpi=80)
     plt.close(fig)
-
-
-def training_devices(count: int):
-    """The first ``count`` devices (None for one). Without an accelerator JAX is asked for
-    ``count`` CPU devices, which must happen before it first runs anything."""
-    if count < 1:
-        raise SystemExit(f"--devices must be >= 1; got {count}")
-    if count == 1:
-        return None
-    jax.config.update("jax_num_cpu_devices", count)
-    devices = jax.devices()
-    if len(devices) < count:
-        raise SystemExit(f"--devices {count}: only {len(devices)} device(s) available")
-    return devices[:count]
 
 
 def main(argv=None) -> int:
