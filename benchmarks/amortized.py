@@ -15,7 +15,8 @@ steps, not the waits for a turn, and the ratio is also reported turn by turn.
 
 - ``jaxreg``: ``python examples/mnist_multistep.py --steps N --out DIR --data PATH --loss L
   --seed S --lmbda λ --devices K`` (JAX's persistent compilation cache off), once per
-  ``--jaxreg-devices`` value (default 1; on CPU, K XLA CPU devices share each batch, the
+  ``--jaxreg-devices`` value (default 1 and 2 on a CPU with 2 or more cores, else 1; on
+  CPU, K XLA CPU devices share each batch, the
   data-parallel path of :func:`jaxreg.nn.train`); it writes ``DIR/metrics.json``. The
   speed-up is taken from jaxreg's fastest row, as icon's is from its fastest.
 - ``icon_registration``: ``python benchmarks/peers/icon_mnist.py`` with the same steps,
@@ -514,9 +515,10 @@ def main(argv=None) -> int:
     parser.add_argument("--icon-threads", default=None,
                         help="comma-separated torch thread counts, one icon row each (default: the cores available); "
                              "the speed-up is taken against icon's fastest row")
-    parser.add_argument("--jaxreg-devices", default="1",
+    parser.add_argument("--jaxreg-devices", default=None,
                         help="comma-separated device counts, one jaxreg row each (the example's --devices: on CPU, that many "
-                             "XLA CPU devices sharing the batch); the speed-up is taken from jaxreg's fastest row")
+                             "XLA CPU devices sharing the batch); the speed-up is taken from jaxreg's fastest row "
+                             "(default: 1,2 on a CPU with 2 or more cores, else 1)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every configuration this many times, the two sides in turn; speeds are medians over them "
                              "(on a machine whose speed drifts, 3 gives a steadier ratio than 1)")
@@ -540,6 +542,10 @@ def main(argv=None) -> int:
         parser.error(f"unknown --losses {unknown}; choose from {list(LOSSES)}")
     cores = len(os.sched_getaffinity(0))
     args.icon_threads = [int(t) for t in (args.icon_threads or str(cores)).split(",") if t.strip()]
+    if args.jaxreg_devices is None:
+        import jax
+
+        args.jaxreg_devices = "1,2" if cores >= 2 and jax.default_backend() == "cpu" else "1"
     args.jaxreg_devices = [int(t) for t in args.jaxreg_devices.split(",") if t.strip()]
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
