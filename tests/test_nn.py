@@ -346,6 +346,34 @@ def test_before_chunk_is_called_before_every_chunk_and_changes_nothing():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_shorter_last_chunk_runs_in_the_same_program_and_equals_single_steps():
+    sampler = _translation_sampler()
+    make = lambda: jnn.Multistep(jnn.DisplacementField(jnn.MLP((8, 8), hidden=(8,), rngs=nnx.Rngs(0))), steps=2)  # noqa: E731
+    traces = []
+    base = jnn.regularized()
+
+    def counted(*args, **kwargs):
+        traces.append(None)  # runs once per trace of the step, not per step
+        return base(*args, **kwargs)
+
+    _, state, history = jnn.train(make(), counted, sampler, optax.adam(1e-3), steps=7, log_every=3, seed=2, progress=False)
+    uneven = len(traces)
+    traces.clear()
+    jnn.train(make(), counted, sampler, optax.adam(1e-3), steps=6, log_every=3, seed=2, progress=False)
+    assert [h["step"] for h in history] == [3, 6, 7] and uneven == len(traces) > 0
+    # the same 7 updates, one compiled step at a time
+    graph, single = training.init(make(), optax.adam(1e-3), seed=2)
+    step = jax.jit(training.make_step(graph, base, optax.adam(1e-3), sampler))
+    losses = []
+    for _ in range(7):
+        single, metrics = step(single)
+        losses.append(float(metrics["loss"]))
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(single.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(history[-1]["loss"], losses[-1], rtol=1e-6)
+    np.testing.assert_allclose(history[0]["loss"], np.mean(losses[:3]), rtol=1e-6)
+
+
 def test_checkpoint_resume_continues_the_same_run(tmp_path):
     sampler = _translation_sampler()
     make = lambda: jnn.Multistep(jnn.DisplacementField(jnn.MLP((8, 8), hidden=(8,), rngs=nnx.Rngs(0))), steps=2)  # noqa: E731

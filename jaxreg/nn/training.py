@@ -6,8 +6,8 @@ returned:
 
 - :func:`init` -> ``(graphdef, state)``;
 - :func:`make_step` -> ``step(state, key) -> (state, metrics)``, one optimizer update on a
-  batch drawn by ``sampler(key)``; :func:`make_chunk` runs ``n`` of them in one
-  ``lax.scan`` so that a small network is not slowed by Python dispatch;
+  batch drawn by ``sampler(key)``; :func:`make_chunk` runs ``n`` of them in one compiled
+  loop so that a small network is not slowed by Python dispatch;
 - :func:`train` is the loop around them: progress on stderr, a metrics log, checkpoints
   every so often and resume from the last one, data parallelism over ``devices``;
 - :func:`save_checkpoint` / :func:`load_checkpoint` (flax msgpack, written atomically);
@@ -154,16 +154,24 @@ def _data_parallel(grad_fn: Callable, batch_sharding: NamedSharding) -> Callable
 
 
 def make_chunk(graph, loss_fn: Callable, optimizer: optax.GradientTransformation, sampler: Callable, length: int, *, batch_sharding=None):
-    """``chunk(state) -> (state, metrics)``: ``length`` steps in one ``lax.scan`` (metrics
-    averaged); ``batch_sharding`` as in :func:`make_step`."""
+    """``chunk(state, steps=length) -> (state, metrics)``: ``steps`` optimizer steps in one
+    compiled loop, metrics averaged over them. ``steps`` is traced (a loop with a run-time
+    trip count, which costs no more than a scan of fixed length), so the program compiled
+    for a chunk of ``length`` also runs a shorter last chunk; ``batch_sharding`` as in
+    :func:`make_step`."""
     step = make_step(graph, loss_fn, optimizer, sampler, batch_sharding=batch_sharding)
 
-    def body(state, _):
-        return step(state)
+    def chunk(state, steps=length):
+        zeros = jax.tree_util.tree_map(lambda m: jnp.zeros(m.shape, m.dtype), jax.eval_shape(step, state)[1])
 
-    def chunk(state):
-        state, metrics = jax.lax.scan(body, state, None, length=length)
-        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+        def body(_, carry):
+            state, sums = carry
+            state, metrics = step(state)
+            return state, jax.tree_util.tree_map(jnp.add, sums, metrics)
+
+        state, sums = jax.lax.fori_loop(0, steps, body, (state, zeros))
+        taken = jnp.maximum(steps, 1).astype(jnp.float32)
+        return state, jax.tree_util.tree_map(lambda total: total / taken, sums)
 
     return chunk
 
@@ -306,7 +314,8 @@ def train(
     """Train ``model`` for ``steps`` optimizer steps; returns ``(model, state, history)``.
 
     ``history`` holds one dict per ``log_every`` steps (``step``, ``seconds``, the metrics
-    averaged over those steps). Steps run ``log_every`` at a time in one compiled scan;
+    averaged over those steps). Steps run ``log_every`` at a time in one compiled loop (a
+    shorter last chunk runs in the same program: one compilation per run);
     the first chunk's wall time includes compilation and is reported as
     ``compile_seconds`` in its log entry. With ``checkpoint`` the state is saved there
     every ``checkpoint_every`` steps (default: at the end only) and, with ``resume``, a run
@@ -332,7 +341,9 @@ def train(
         replicated = NamedSharding(mesh, PartitionSpec())
         batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         state = jax.device_put(state, replicated)
-    chunks = {}
+    # One program for every chunk: a shorter one (the last, or the first after resuming
+    # mid-way) passes its step count at run time instead of compiling a loop of its own.
+    chunk = jax.jit(make_chunk(graph, loss_fn, optimizer, sampler, int(log_every), batch_sharding=batch_sharding), donate_argnums=0)
     history = []
     stream = sys.stderr
     started = time.perf_counter()
@@ -342,13 +353,11 @@ def train(
     try:
         while done < steps:
             length = min(log_every - done % log_every, steps - done)
-            if length not in chunks:
-                chunks[length] = jax.jit(make_chunk(graph, loss_fn, optimizer, sampler, length, batch_sharding=batch_sharding), donate_argnums=0)
             if before_chunk is not None:
                 before_chunk()
             t0 = time.perf_counter()
             first_call = len(history) == 0
-            state, metrics = chunks[length](state)
+            state, metrics = chunk(state, np.int32(length))
             metrics = {name: float(value) for name, value in metrics.items()}
             done = int(state.step)
             entry = {"step": done, "seconds": time.perf_counter() - t0, **metrics}
