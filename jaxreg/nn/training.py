@@ -159,7 +159,10 @@ def make_chunk(graph, loss_fn: Callable, optimizer: optax.GradientTransformation
     trip count, which costs no more than a scan of fixed length), so the program compiled
     for a chunk of ``length`` also runs a shorter last chunk; ``batch_sharding`` as in
     :func:`make_step`."""
-    step = make_step(graph, loss_fn, optimizer, sampler, batch_sharding=batch_sharding)
+    # Jitted so that the loop body reuses the trace eval_shape makes of it (the metrics'
+    # structure) instead of tracing the step a second time: 0.7 s of lowering for the 3-D
+    # GradICON network. Inside the chunk's program it is inlined.
+    step = jax.jit(make_step(graph, loss_fn, optimizer, sampler, batch_sharding=batch_sharding))
 
     def chunk(state, steps=length):
         zeros = jax.tree_util.tree_map(lambda m: jnp.zeros(m.shape, m.dtype), jax.eval_shape(step, state)[1])
