@@ -56,7 +56,7 @@ def points_matmul(points, matrix):
     points = jnp.asarray(points)
     d, e = matrix.shape
     count = math.prod(points.shape[:-1])
-    block = next(b for b in (_POINTS_PER_BLOCK, 8, 4, 2, 1) if b <= _POINTS_PER_BLOCK and count % b == 0)
+    block = math.gcd(count, _POINTS_PER_BLOCK)  # the largest block that divides the points
     if block == 1:
         return precise_matmul(points, matrix)
     blocked = precise_matmul(points.reshape(-1, block * d), jnp.kron(jnp.eye(block, dtype=matrix.dtype), matrix))
