@@ -150,8 +150,6 @@ def test_apply_linear_matches_matmul_with_gradients_and_keeps_numpy_on_the_host(
 
 @pytest.mark.parametrize("lead", [(4, 8), (5, 3), (6,), (7,), (2, 3, 5, 3)])
 def test_points_matmul_matches_numpy_under_jit_vmap_and_grad(lead):
-    from helpers import assert_grad_matches_fd
-
     rng = np.random.default_rng(8)
     d, e = (3, 3) if lead[-1] != 7 else (2, 4)
     points = rng.standard_normal(lead + (d,)).astype(np.float32)
