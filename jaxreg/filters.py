@@ -153,13 +153,27 @@ def _smooth_by_products(x, kernels: list, ndim: int, mode: str):
     return jnp.moveaxis(x, tuple(range(x.ndim - ndim)), tuple(range(ndim, x.ndim))) if x.ndim > ndim else x
 
 
-def gaussian_smooth(image, sigma, *, ndim: int | None = None, truncate: float = 4.0, mode: str = "nearest"):
+_SMOOTHING_METHODS = ("auto", "shifted", "products")
+
+
+def gaussian_smooth(
+    image, sigma, *, ndim: int | None = None, truncate: float = 4.0, mode: str = "nearest", method: str = "auto"
+):
     """Gaussian smoothing over the spatial axes (separable; the channel axis is untouched).
 
     ``sigma`` is in voxels, a scalar or one value per spatial axis; 0 leaves an axis alone.
     ``mode`` names the boundary as ``scipy.ndimage`` does (``"nearest"``, ``"reflect"``,
     ``"mirror"``, ``"wrap"``, ``"constant"`` = zeros), and the result equals
     ``scipy.ndimage.gaussian_filter(image, sigma, mode=mode, truncate=truncate)``.
+
+    ``method`` chooses how each axis is filtered; every choice gives the same result
+    within float32 rounding. ``"shifted"`` sums shifted copies of the image, one per pair
+    of taps; ``"products"`` multiplies each axis by its ``(n, n)`` banded filter matrix.
+    ``"auto"`` (the default) takes products for channels-last fields and for kernels of
+    41 taps or more, shifted sums otherwise. Ask for ``"products"`` where the result feeds
+    a gather (a warp): XLA CPU may fuse shifted sums, and whatever computes the image,
+    into the gather and recompute them for every corner it reads, which it never does
+    with a matrix product (drawing a 3-D synthetic training batch: 9.9 vs 5.0 ms).
 
     >>> import jax.numpy as jnp
     >>> round(float(gaussian_smooth(jnp.ones((5, 4)), 2.0).min()), 5)  # weights sum to 1
@@ -171,10 +185,15 @@ def gaussian_smooth(image, sigma, *, ndim: int | None = None, truncate: float = 
     _checks.check_nonnegative(sigmas, name="sigma")
     if mode not in _PAD_MODES:
         raise ValueError(f"mode must be one of {sorted(_PAD_MODES)}; got {mode!r}")
+    if method not in _SMOOTHING_METHODS:
+        raise ValueError(f"method must be one of {_SMOOTHING_METHODS}; got {method!r}")
     kernels = [gaussian_kernel_1d(s, truncate=truncate) if s > 0 else None for s in sigmas]
     if all(k is None or len(k) == 1 for k in kernels):
         return x
-    if x.ndim > ndim or any(k is not None and len(k) >= _MATMUL_MIN_TAPS for k in kernels):
+    if method == "auto":
+        wide = any(k is not None and len(k) >= _MATMUL_MIN_TAPS for k in kernels)
+        method = "products" if x.ndim > ndim or wide else "shifted"
+    if method == "products":
         return _smooth_by_products(x, kernels, ndim, mode)
     for axis, weights in enumerate(kernels):
         if weights is not None:

@@ -77,6 +77,28 @@ def test_gaussian_smooth_wide_kernel_on_a_scalar_image_matches_scipy():
     np.testing.assert_allclose(np.asarray(smoothed[1]), 2 * np.asarray(filters.gaussian_smooth(x, 6.0)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["shifted", "products"])
+@pytest.mark.parametrize("mode", ["nearest", "reflect", "constant"])
+@pytest.mark.parametrize("shape, ndim", [((14, 12, 10), 3), ((11, 9), 2), ((9, 8, 7, 3), 3), ((10, 9, 2), 2)])
+def test_gaussian_smooth_methods_match_scipy(method, mode, shape, ndim):
+    # either method on a scalar image or a channels-last field, whatever "auto" would pick
+    x = _random(shape, seed=5)
+    sigma = (1.0, 0.0, 2.5)[:ndim]
+    out = filters.gaussian_smooth(x, sigma, ndim=ndim, mode=mode, method=method)
+    ref = ndi.gaussian_filter(x.astype(np.float64), sigma + (0.0,) * (len(shape) - ndim), mode=mode)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["shifted", "products"])
+def test_gaussian_smooth_methods_jit_vmap_grad(method):
+    x = _random((9, 8, 7), seed=6)
+    smooth = lambda im: filters.gaussian_smooth(im, 1.1, method=method)
+    assert_jit_matches(smooth, x)
+    assert_vmap_matches_loop(smooth, np.stack([x, 2 * x, x**2]))
+    weights = _random((9, 8, 7), seed=7)
+    assert_grad_matches_fd(lambda im: jnp.sum(weights * smooth(im) ** 2), x)
+
+
 def test_gaussian_smooth_errors():
     x = jnp.zeros((6, 5))
     with pytest.raises(ValueError, match="sigma"):
@@ -85,6 +107,8 @@ def test_gaussian_smooth_errors():
         filters.gaussian_smooth(x, (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="mode"):
         filters.gaussian_smooth(x, 1.0, mode="bogus")
+    with pytest.raises(ValueError, match="method"):
+        filters.gaussian_smooth(x, 1.0, method="fft")
     with pytest.raises(ValueError, match="3 axes"):
         filters.gaussian_smooth(jnp.zeros((6, 5, 4)), 1.0, ndim=1)
 

@@ -27,16 +27,6 @@ def test_blobs_are_deterministic_for_a_key():
     np.testing.assert_array_equal(a, b)
 
 
-def test_blobs_smoothing_by_products_is_gaussian_smooth():
-    from jaxreg.filters import gaussian_smooth
-
-    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 14, 12, 10)).astype(np.float32))
-    for sigma in (0.0, 1.0, 2.5):
-        expected = np.stack([np.asarray(gaussian_smooth(v, sigma)) for v in x])
-        np.testing.assert_allclose(synthetic._smooth_by_products(x[0], sigma), expected[0], atol=1e-6)
-        np.testing.assert_allclose(jax.jit(jax.vmap(lambda v, s=sigma: synthetic._smooth_by_products(v, s)))(x), expected, atol=1e-6)
-
-
 def test_random_velocity_has_the_requested_amplitude_and_is_diffeomorphic():
     grid = Grid((48, 40))
     v = synthetic.random_velocity(jax.random.PRNGKey(1), grid, amplitude=3.0, smoothness=12.0)
