@@ -32,8 +32,9 @@ steps, not the waits for a turn, and the ratio is also reported turn by turn.
 - the 3-D network: ``python examples/gradicon_3d.py --steps N3 --out DIR``, then its
   icon_registration copy ``python benchmarks/peers/icon_3d.py`` with the same arguments
   (same training pairs, same U-Net, GradICON with λ converted, scored by the example's
-  own functions), side by side taking turns every 25 training steps (jaxreg's chunk of
-  steps there); the speed-up compares their steps/s, also turn by turn.
+  own functions), side by side taking turns every ``BLOCK`` training steps (the example's
+  chunk of steps; each run records it as ``block_steps``); the speed-up compares their
+  steps/s, also turn by turn.
 
 A run that cannot happen (example missing, icon_registration not importable) is a row
 with the reason. The experiment: an MLP on the two 28×28 images, applied 8 times with
@@ -104,6 +105,8 @@ def summarize(metrics: dict) -> dict:
                                             contains=("inference", "per_s")),
         "lmbda": _find(metrics, "lmbda", "lambda", "lam"),
     }
+    if isinstance(metrics.get("block_steps"), int):
+        out["block_steps"] = metrics["block_steps"]
     blocks = metrics.get("block_steps_per_second")
     if isinstance(blocks, list) and all(isinstance(v, (int, float)) for v in blocks):
         out["block_steps_per_second"] = blocks
@@ -254,7 +257,7 @@ def mnist_rows(loss: str, args, workdir: str) -> list[dict]:
 def network3d_rows(args, workdir: str) -> list[dict]:
     """The 3-D GradICON network: jaxreg's example once per ``--jaxreg-devices`` value and
     icon_registration's copy of it (``benchmarks/peers/icon_3d.py``, same data, network,
-    loss and evaluation) once per ``--icon-threads`` value, side by side taking turns every 25 training steps (or one after
+    loss and evaluation) once per ``--icon-threads`` value, side by side taking turns every ``gradicon_3d.BLOCK`` training steps (or one after
     the other with ``--one-at-a-time``)."""
     base = {"network": NETWORK_3D, "loss": "gradicon", "steps": args.steps_3d}
     common = ["--steps", str(args.steps_3d), *args.args_3d.split()]
@@ -403,6 +406,19 @@ def network_tables(result: dict, network: str, cell=str) -> list[str]:
     return lines
 
 
+# Training steps per turn of the runs that recorded none (written before "block_steps").
+_BLOCK_STEPS_BEFORE_RECORDED = {"mnist-multistep": 50, NETWORK_3D: 25}
+
+
+def block_steps(result: dict, network: str) -> int:
+    """Training steps per turn of ``network``'s runs, as its processes recorded them."""
+    recorded = {(r.get("summary") or {}).get("block_steps") for r in result.get("rows") or [] if r.get("network") == network}
+    recorded.discard(None)
+    if len(recorded) > 1:
+        raise ValueError(f"{network}: runs took turns of different lengths {sorted(recorded)}")
+    return recorded.pop() if recorded else _BLOCK_STEPS_BEFORE_RECORDED[network]
+
+
 def how_compared(result: dict) -> str:
     """How the speed-up was measured (this file's Markdown and the docs' results page)."""
     comparisons = result.get("comparisons") or [{}]
@@ -414,7 +430,8 @@ def how_compared(result: dict) -> str:
     mnist_turns = has_mnist and settings.get("side_by_side")
     turns_3d = has_3d and settings.get("turns_3d")
     blocks = " and ".join(f"{what} every {n} training steps" for what, n, present in
-                          (("MNIST", 50, mnist_turns), ("the 3-D network", 25, turns_3d)) if present)
+                          (("MNIST", block_steps(result, "mnist-multistep"), mnist_turns),
+                           ("the 3-D network", block_steps(result, NETWORK_3D), turns_3d)) if present)
     turns = (f"The configurations of a network and loss ran side by side, taking turns on the machine ({blocks}; only "
              "the one holding the turn computes; start-up, compilation and evaluation run in turns of their own), so "
              "that a machine whose speed drifts slows both sides alike. **per turn**: the ratio of the two compared "

@@ -428,7 +428,8 @@ def compile_section(result: dict, plots: Plots) -> list[str]:
 
 
 def amortized_section(result: dict, plots: Plots) -> list[str]:
-    from benchmarks.amortized import busy_note, comparison_label, experiments_run, how_compared, network_tables, per_turn, tool_name
+    from benchmarks.amortized import (NETWORK_3D, block_steps, busy_note, comparison_label, experiments_run, how_compared,
+                                      network_tables, per_turn, tool_name)
 
     settings = result.get("settings") or {}
     mnist, network_3d = experiments_run(result)
@@ -443,7 +444,8 @@ def amortized_section(result: dict, plots: Plots) -> list[str]:
                   "(a two-step U-Net trained with GradICON on synthetic shapes; evaluated on new synthetic pairs and on "
                   "the OASIS pair, which it never saw), and icon_registration's copy of it (`benchmarks/peers/icon_3d.py`: the "
                   "same training pairs, U-Net, GradICON loss and scoring), "
-                  + ("side by side, taking turns every 25 steps." if settings.get("turns_3d") else "one after the other."), ""]
+                  + (f"side by side, taking turns every {block_steps(result, NETWORK_3D)} steps." if settings.get("turns_3d")
+                     else "one after the other."), ""]
     busy = busy_note(result) if result.get("rows") else ""
     if busy:
         lines += [f"!!! warning\n    {busy}", ""]

@@ -178,6 +178,7 @@ def main(argv=None) -> int:
         "train_seconds": train_seconds,
         "compile_seconds": history[0]["compile_seconds"] if history else 0.0,
         "steps_per_second": steps_timed / sum(h["seconds"] for h in timed) if timed else float("nan"),
+        "block_steps": BLOCK,
         "block_steps_per_second": block_steps_per_second(history),
         "final_loss": history[-1]["loss"] if history else float("nan"),
         "synthetic": evaluate_synthetic(model, synthetic_sampler(args.size, 32, args.amplitude), jax.random.key(args.seed + 1000)),

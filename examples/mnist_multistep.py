@@ -49,6 +49,7 @@ from jaxreg.transforms import Displacement, jacobian_determinant, warp  # noqa: 
 
 SHAPE = (28, 28)
 EVAL_PAIRS = 256
+BLOCK = 50  # training steps per chunk of jnn.train, and per turn when a benchmark runs this beside its peer
 DEFAULT_LMBDA = {"diffusion": 0.05, "icon": 0.05, "gradicon": 0.05}
 SPEC = {"name": "mnist-multistep", "kwargs": {"shape": list(SHAPE), "hidden": [50, 50], "steps": 8}}
 
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     turn = benchmark_turn()
     model, state, history = jnn.train(
         model, make_loss(args.loss, lmbda), sampler, optax.adam(args.lr), steps=args.steps, seed=args.seed,
-        log_every=50, checkpoint=args.out / "model.ckpt", resume=False, spec=SPEC, log_file=args.out / "log.jsonl",
+        log_every=BLOCK, checkpoint=args.out / "model.ckpt", resume=False, spec=SPEC, log_file=args.out / "log.jsonl",
         devices=devices, before_chunk=turn,
     )
     if turn is not None:
@@ -212,6 +213,7 @@ def main(argv=None) -> int:
         "train_seconds": train_seconds,
         "compile_seconds": compile_seconds,
         "steps_per_second": steps_per_second,
+        "block_steps": BLOCK,
         "block_steps_per_second": block_steps_per_second(history),
         "final_loss": float(np.mean([h["loss"] for h in history[-1:]])) if history else float("nan"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,

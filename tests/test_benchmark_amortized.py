@@ -133,3 +133,33 @@ def test_icon_3d_peer_reads_icons_map_as_voxel_displacements():
     field = icon_3d.icon_displacement(torch, Net, np.zeros((2, *shape)), np.zeros((2, *shape)))
     assert field.shape == (2, *shape, 3)
     np.testing.assert_allclose(field, np.broadcast_to(shift, field.shape), atol=1e-6)
+
+
+def test_turn_length_is_what_the_runs_recorded_and_the_peers_mirror_the_examples():
+    import importlib.util
+
+    def module(path):
+        spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The MNIST peer cannot import the jaxreg example (it would load JAX beside torch): it mirrors its BLOCK.
+    icon_mnist = module(os.path.join(root, "benchmarks", "peers", "icon_mnist.py"))
+    sys.path.insert(0, os.path.join(root, "examples"))
+    mnist_multistep = module(os.path.join(root, "examples", "mnist_multistep.py"))
+    assert icon_mnist.BLOCK == mnist_multistep.BLOCK
+
+    def row(network, block):
+        return {"network": network, "summary": {} if block is None else {"block_steps": block}}
+
+    result = {"rows": [row(amortized.NETWORK_3D, 10), row(amortized.NETWORK_3D, 10), row("mnist-multistep", None)],
+              "comparisons": [{"network": amortized.NETWORK_3D, "loss": "gradicon"}, {"loss": "diffusion"}],
+              "settings": {"side_by_side": True, "turns_3d": True}}
+    assert amortized.block_steps(result, amortized.NETWORK_3D) == 10
+    assert amortized.block_steps(result, "mnist-multistep") == 50  # files written before runs recorded it
+    assert "MNIST every 50 training steps and the 3-D network every 10 training steps" in amortized.how_compared(result)
+    result["rows"].append(row(amortized.NETWORK_3D, 25))
+    with pytest.raises(ValueError, match="different lengths"):
+        amortized.block_steps(result, amortized.NETWORK_3D)

@@ -261,6 +261,7 @@ def main(argv=None) -> int:
         "parameters_jaxreg": ours,
         "train_seconds": train_seconds,
         "steps_per_second": len(timed) / sum(timed),
+        "block_steps": example.BLOCK,
         "block_steps_per_second": [len(block) / sum(block) for block in blocks],
         "warmup_steps_left_out": len(step_seconds) - len(timed),
         "data_seconds_per_step": float(np.median(data_seconds)),

@@ -88,6 +88,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist", "mnist.npz")
+if REPO not in sys.path:  # run as a script: the turns it shares the machine by live in benchmarks/
+    sys.path.insert(0, REPO)
+from benchmarks._turns import Turn  # noqa: E402
 
 SIZE = 28
 BATCH = 128
@@ -95,7 +98,7 @@ EVAL_PAIRS = 256
 INFERENCE_BATCH = 256
 STEPS_PER_PAIR = 8  # MLP applications per registration
 WARMUP_STEPS = 10
-BLOCK = 50  # training steps per turn when sharing the machine (jaxreg's chunk length)
+BLOCK = 50  # training steps per turn when sharing the machine: examples/mnist_multistep.BLOCK (a test checks)
 LAST_STEPS = 50
 LEARNING_RATE = 1e-3
 OBJECTIVE_LMBDA = 0.05  # λ of the reported objective when the training loss is not diffusion
@@ -224,18 +227,6 @@ def smooth_field(rng, shape, amplitude, sigma=3.0) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- icon (torch)
-
-
-def benchmark_turn():
-    """When ``benchmarks/amortized.py`` runs this peer side by side with jaxreg, the turn
-    they share the machine by (``benchmarks/_turns.py``; the repository is on
-    ``PYTHONPATH`` there); None on its own."""
-    if not os.environ.get("JAXREG_BENCH_TURN_FDS"):
-        return None
-    sys.path.insert(0, REPO)
-    from benchmarks._turns import Turn
-
-    return Turn.from_environment()
 
 
 def import_icon():
@@ -424,7 +415,7 @@ def main(argv=None) -> int:
     losses, step_seconds = [], []
     rss_before = peak_rss_mib()
     model.train()
-    turn = benchmark_turn()
+    turn = Turn.from_environment()  # None when run on its own
     for step in range(args.steps):
         if turn is not None and step % BLOCK == 0:
             turn()
@@ -493,6 +484,7 @@ def main(argv=None) -> int:
         },
         "conversion": factors,
         "steps_per_second": steps_per_second,
+        "block_steps": BLOCK,
         "block_steps_per_second": block_steps_per_second,
         "train_seconds": train_seconds,
         "final_loss": float(np.mean(losses[-LAST_STEPS:])),
