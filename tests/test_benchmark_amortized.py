@@ -97,7 +97,7 @@ def test_icon_3d_peer_unet_computes_jaxregs_unet():
     features = (4, 8, 8)
     ours = UNet(3, features=features, rngs=nnx.Rngs(0))
     # The output layer starts at zero; give it weights so that every layer shows in the output.
-    ours.out.kernel.value = 0.1 * jax.random.normal(jax.random.key(1), ours.out.kernel.shape)
+    ours.out.kernel[...] = 0.1 * jax.random.normal(jax.random.key(1), ours.out.kernel.shape)
     theirs = icon_3d.make_unet(torch, ndim=3, features=features)
     assert sum(p.numel() for p in theirs.parameters()) == sum(np.size(p) for p in jax.tree_util.tree_leaves(nnx.state(ours, nnx.Param)))
     _copy_weights(torch, ours, theirs)
