@@ -303,7 +303,11 @@ class Multistep(nnx.Module):
     ``remat=True`` recomputes each step in the backward pass instead of keeping its
     intermediate values: memory of one step instead of ``steps``, for large networks or
     3-D images. The default keeps them, which is faster where they are small: 42 against
-    53 ms per gradient of 128 MNIST pairs x 8 steps (2 cores).
+    53 ms per gradient of 128 MNIST pairs x 8 steps (2 cores). Neither a partial
+    recomputation nor unrolling beat it (MNIST diffusion step, 64 pairs, Intel Xeon, 2
+    cores, in turn): 26.1 ms keeping everything, 26.5 with ``checkpoint_policies.dots_saveable``,
+    26.9 with ``dots_with_no_batch_dims_saveable``, 29.5 recomputing everything; the scan
+    with ``unroll=2`` took 29.5 ms. Writing the kept values is 17 % of the step's time.
     :meth:`trajectory` returns the displacement after every step (for figures).
 
     Every step looks at the same fixed image, so where ``net`` has ``given_fixed``
