@@ -138,17 +138,13 @@ def test_icon_3d_peer_reads_icons_map_as_voxel_displacements():
 def test_turn_length_is_what_the_runs_recorded_and_the_peers_mirror_the_examples():
     import importlib.util
 
-    def module(path):
-        spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-        loaded = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loaded)
-        return loaded
+    from benchmarks.peers import icon_mnist
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # The MNIST peer cannot import the jaxreg example (it would load JAX beside torch): it mirrors its BLOCK.
-    icon_mnist = module(os.path.join(root, "benchmarks", "peers", "icon_mnist.py"))
-    sys.path.insert(0, os.path.join(root, "examples"))
-    mnist_multistep = module(os.path.join(root, "examples", "mnist_multistep.py"))
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "mnist_multistep.py")
+    spec = importlib.util.spec_from_file_location("mnist_multistep", path)
+    mnist_multistep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mnist_multistep)  # it puts examples/ on sys.path for its _common itself
     assert icon_mnist.BLOCK == mnist_multistep.BLOCK
 
     def row(network, block):
