@@ -126,19 +126,19 @@ def register_many(
 
         return run
 
-    if _programs.traced((fixed, moving)):
-        run = chunked(batch_size)
-        if devices is not None:
-            run = _sharded(run, _chosen_devices(devices), fixed.shape[0])
-        return run(fixed, moving)
+    traced = _programs.traced((fixed, moving))
     if devices is not None:
         devices = _chosen_devices(devices)
         run = _sharded(chunked(batch_size), devices, fixed.shape[0])
+        if traced:
+            return run(fixed, moving)
         sharding = pair_sharding(devices)
         fixed, moving = jax.device_put(fixed, sharding), jax.device_put(moving, sharding)
         program, _ = _programs.compiled(run, (fixed, moving))
         return program(fixed, moving)
 
+    if traced:
+        return chunked(batch_size)(fixed, moving)
     batch_size, threads, chunks = plan(fixed.shape, _platform(fixed), batch_size=batch_size, threads=threads)
     if threads > 1:
         programs = {}
