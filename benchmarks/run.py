@@ -41,6 +41,8 @@ def suite_command(name: str, out: str, quick: bool, peer_python: str | None) -> 
         command += ["--out", os.path.join(out, f"{name}.json")]
     else:
         command += ["--out", out]
+    if name == "population" and not quick:
+        command += ["--large"]  # the counts: 1, 8, 32 and 128 pairs
     if name == "amortized" and peer_python:
         command += ["--peer-python", peer_python]
     return command

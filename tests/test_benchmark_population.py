@@ -98,3 +98,14 @@ def test_cpu_description_reads_the_first_processor_and_its_widest_vector_isa():
     assert _timing.cpu_description(cpuinfo.replace(" avx512f avx512bw", ""))["cpu_isa"] == "avx2"
     # A record written before family and ISA were kept shows the name alone.
     assert _timing.cpu_label({"cpu_model": "AMD EPYC"}) == "AMD EPYC"
+
+
+def test_a_full_run_measures_the_issues_counts_and_a_quick_one_does_not():
+    from benchmarks import run
+
+    full = run.suite_command("population", "/tmp/out", quick=False, peer_python=None)
+    quick = run.suite_command("population", "/tmp/out", quick=True, peer_python=None)
+    assert "--large" in full and "--quick" not in full
+    assert "--large" not in quick and "--quick" in quick
+    # Only the population suite takes --large.
+    assert "--large" not in run.suite_command("kernels", "/tmp/out", quick=False, peer_python=None)
