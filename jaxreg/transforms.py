@@ -518,6 +518,9 @@ def invert(transform: Transform, *, grid: Grid | None = None, iterations: int = 
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1; got {iterations}")
     targets = grid.points()
+    # A float64 transform (under jax_enable_x64) maps float32 points to float64 ones: the
+    # loop carries what the transform returns.
+    targets = targets.astype(jax.eval_shape(transform, targets).dtype)
 
     def step(_, inverse_points):
         return inverse_points - (transform(inverse_points) - targets)

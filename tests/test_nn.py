@@ -260,12 +260,20 @@ def _small_mlp_net(seed=0, shape=(8, 8)):
     return net
 
 
-@pytest.mark.parametrize("loss", [jnn.regularized(lmbda=0.05), jnn.icon(lmbda=0.1), jnn.gradicon(lmbda=0.1)], ids=["diffusion", "icon", "gradicon"])
+@pytest.mark.parametrize(
+    "loss",
+    [jnn.regularized(lmbda=0.05), jnn.icon(lmbda=0.1), jnn.gradicon(lmbda=0.1), jnn.supervised()],
+    ids=["diffusion", "icon", "gradicon", "supervised"],
+)
 def test_losses_jit_vmap_and_gradient(loss):
     net = _small_mlp_net()
     graph, state = training.init(net, optax.sgd(0.1))
     rng = np.random.default_rng(3)
-    batch = {"moving": jnp.asarray(rng.random((3, 8, 8)), jnp.float32), "fixed": jnp.asarray(rng.random((3, 8, 8)), jnp.float32)}
+    batch = {
+        "moving": jnp.asarray(rng.random((3, 8, 8)), jnp.float32),
+        "fixed": jnp.asarray(rng.random((3, 8, 8)), jnp.float32),
+        "target": jnp.asarray(rng.normal(0, 0.5, (3, 8, 8, 2)), jnp.float32),  # read by supervised() only
+    }
 
     def one(params, pair):
         return loss(training.merge(graph, params), pair)[0]
