@@ -255,13 +255,16 @@ def warp_cases(shape, grad):
         ("jax.scipy map_coordinates", lambda: jax_case(theirs, image, coord_list, convert=stack)),
         ("torch grid_sample", torch_case),
     ]
+    # jax.scipy on jaxreg's layout: one (..., d) array, split inside the program; its own
+    # row takes d separate arrays, which suit its element gathers (each reads one
+    # contiguous plane per axis). With the gradient, XLA also fuses those gathers into the
+    # loop that writes the interleaved gradient.
+    def interleaved(img, c):
+        return jax.scipy.ndimage.map_coordinates(img, [c[..., k] for k in range(c.shape[-1])], order=1, mode="constant")
+
     if grad:
-        # jax.scipy on jaxreg's layout: one (..., d) array, split inside the program.
-        # XLA then fuses its element gathers into the loop that writes the interleaved
-        # gradient; its own row takes d separate arrays.
-        interleaved = jax.grad(lambda img, c: jnp.mean(jax.scipy.ndimage.map_coordinates(
-            img, [c[..., k] for k in range(c.shape[-1])], order=1, mode="constant") ** 2), argnums=1)
-        cases.insert(2, ("jax.scipy map_coordinates, coords (..., d)", lambda: jax_case(interleaved, image, coords)))
+        interleaved = jax.grad(lambda img, c, f=interleaved: jnp.mean(f(img, c) ** 2), argnums=1)
+    cases.insert(2, ("jax.scipy map_coordinates, coords (..., d)", lambda: jax_case(interleaved, image, coords)))
     if not grad:
         cases.append(("SimpleITK Resample (displacement field)", sitk_case))
     return nbytes, cases
