@@ -17,8 +17,8 @@ from scipy import ndimage
 from jaxreg import differential, io, metrics, synthetic
 from jaxreg.filters import downsample, gaussian_smooth, pyramid
 from jaxreg.grid import Grid, Image
-from jaxreg.losses.similarity import joint_histogram
-from jaxreg.registration import cap_step, normalize_intensity, register_bspline, register_greedy, register_syn, smooth_updates
+from jaxreg.losses.similarity import joint_histogram, mind_ssc_descriptor
+from jaxreg.registration import cap_step, normalize_intensity, register_affine, register_bspline, register_greedy, register_syn, smooth_updates
 from jaxreg.sampling import spline_prefilter
 from jaxreg.transforms import Affine, Displacement, KernelTransform, compose, invert, jacobian_determinant, wendland
 
@@ -303,3 +303,47 @@ def test_registration_stages_vmap_over_pairs_like_a_loop_and_jit_like_eager(run)
     for i in range(2):
         np.testing.assert_allclose(batched[i], run(fixed[i], moving[i]), atol=1e-2 * scale)
     np.testing.assert_allclose(jax.jit(run)(fixed[0], moving[0]), run(fixed[0], moving[0]), atol=1e-3 * scale)
+
+
+def test_register_affine_vmaps_over_pairs_like_a_loop_and_jits_like_eager():
+    fixed, _ = _pairs(shape=(32, 32))
+    moving = jnp.stack([jnp.roll(fixed[0], (2, -1), axis=(0, 1)), jnp.roll(fixed[1], (-1, 2), axis=(0, 1))])
+
+    def run(f, m):
+        return register_affine(f, m, kind="affine", shrink=(2, 1), steps=(20, 10), optimizer=optax.sgd(0.5))[0].matrix
+
+    batched = jax.vmap(run)(fixed, moving)
+    assert float(jnp.abs(batched - jnp.eye(3)).max()) > 0.1  # the matrices moved
+    for i in range(2):
+        np.testing.assert_allclose(batched[i], run(fixed[i], moving[i]), atol=2e-3)
+    np.testing.assert_allclose(jax.jit(run)(fixed[0], moving[0]), run(fixed[0], moving[0]), atol=1e-4)
+
+
+def test_mind_ssc_descriptor_under_jit_and_vmap_with_finite_difference_gradients():
+    images = jnp.asarray(RNG.random((3, 14, 12)), jnp.float32)
+    descriptor = assert_jit_matches(mind_ssc_descriptor, images[0], atol=1e-6)
+    assert descriptor.shape == (14, 12, 4)
+    # Each voxel's largest entry is exactly 1 (exp(-D/V) over its max over the pairs).
+    np.testing.assert_allclose(jnp.max(descriptor, axis=-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(mind_ssc_descriptor(3.0 * images[0] + 2.0), descriptor, atol=1e-5)
+    assert_vmap_matches_loop(mind_ssc_descriptor, images, atol=1e-6)
+    weights = jnp.asarray(RNG.standard_normal((14, 12, 4)))
+    assert_grad_matches_fd(lambda x: jnp.sum(weights * mind_ssc_descriptor(x)), images[0], eps=1e-4)
+
+
+def test_mean_dice_and_surface_under_jit_and_vmap_match_numpy():
+    labels = RNG.integers(0, 3, (3, 10, 9))
+    other = np.where(RNG.random(labels.shape) < 0.2, 0, labels)
+
+    def numpy_mean_dice(a, b):
+        scores = [2 * np.sum((a == k) & (b == k)) / (np.sum(a == k) + np.sum(b == k)) for k in (1, 2)]
+        return np.mean(scores)
+
+    batched = assert_vmap_matches_loop(lambda a, b: metrics.mean_dice(a, b, labels=(1, 2)), jnp.asarray(labels), jnp.asarray(other))
+    for a, b, score in zip(labels, other, batched):
+        np.testing.assert_allclose(score, numpy_mean_dice(a, b), rtol=1e-6)
+    masks = labels > 0
+    surfaces = assert_vmap_matches_loop(jax.jit(metrics.surface), jnp.asarray(masks))
+    for mask, surface in zip(masks, surfaces):
+        eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
+        np.testing.assert_array_equal(surface, mask & ~eroded)
