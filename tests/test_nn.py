@@ -657,3 +657,22 @@ def test_networks_under_jit_and_vmap_and_their_parameter_gradients(make):
     np.testing.assert_allclose(jax.jit(mapped)(params, moving[0], fixed[0]), eager, rtol=1e-5, atol=1e-5)
     assert_vmap_matches_loop(lambda m, f: mapped(params, m, f), moving, fixed, rtol=1e-5, atol=1e-5)
     assert_grad_matches_fd(lambda p: jnp.sum(jnp.sin(mapped(p, moving[0], fixed[0]))), params, eps=1e-4, rtol=5e-2, atol=1e-5)
+
+
+def test_register_images_vmaps_over_pairs_like_a_loop():
+    """With a network whose shift depends on the pair, vmap of register_images over pairs
+    gives each pair's own world transform and warped image."""
+    affine = np.diag([2.0, 3.0, 1.0]).astype(np.float32)
+    net = MeanShift((12, 10), 4.0)
+    fixed = jnp.stack([_blob_pair((12, 10), seed=s) for s in (0, 1, 2)])
+    moving = jnp.stack([_blob_pair((12, 10), seed=s) * g for s, g in ((3, 1.0), (4, 0.5), (5, 1.5))])
+
+    def predict(f, m):
+        prediction = inference.register_images(net, Image(f, affine), Image(m, affine), normalize=False)
+        return prediction.transform(Image(f, affine).grid.points()), prediction.warped.data
+
+    points, warped = assert_vmap_matches_loop(predict, fixed, moving, atol=1e-5)
+    world = Image(fixed[0], affine).grid.points()
+    for i in range(3):
+        shift = 4.0 * (float(jnp.mean(moving[i])) - float(jnp.mean(fixed[i])))  # voxels on every axis
+        np.testing.assert_allclose(points[i], world + jnp.array([2.0, 3.0]) * shift, atol=1e-4)
