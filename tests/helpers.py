@@ -113,3 +113,13 @@ def oblique_affine(ndim, seed=0, *, rng=None, shear=0.2, spacing=(0.5, 3.0), off
     affine[:ndim, :ndim] = q @ shear_matrix @ np.diag(rng.uniform(*spacing, ndim))
     affine[:ndim, ndim] = rng.uniform(-offset, offset, ndim)
     return affine.astype(np.float32)
+
+
+def smooth_field(grid, amplitude, seed=0, sigma=3.0):
+    """A smooth random vector field ``(*grid.shape, d)`` in mm on ``grid``, largest component ``amplitude``."""
+    from jaxreg.filters import gaussian_smooth
+
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(grid.shape + (grid.ndim,)).astype(np.float32)
+    field = np.asarray(gaussian_smooth(noise, sigma, ndim=grid.ndim))
+    return (amplitude * field / np.abs(field).max()).astype(np.float32)

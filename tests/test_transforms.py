@@ -25,20 +25,12 @@ from jaxreg.transforms import (
     warp,
     wendland,
 )
-from tests.helpers import assert_finite_grad, assert_grad_matches_fd, assert_jit_matches, assert_vmap_matches_loop
+from tests.helpers import assert_finite_grad, assert_grad_matches_fd, assert_jit_matches, assert_vmap_matches_loop, smooth_field
 
 GRIDS = {
     2: Grid.from_spacing((20, 17), spacing=(1.5, 1.0), origin=(-3.0, 4.0)),
     3: Grid.from_spacing((14, 12, 10), spacing=(1.0, 1.5, 2.0), origin=(1.0, -2.0, 0.5)),
 }
-
-
-def smooth_field(grid, amplitude, seed=0, sigma=3.0):
-    """A smooth random vector field in mm on ``grid``."""
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal(grid.shape + (grid.ndim,)).astype(np.float32)
-    field = np.asarray(gaussian_smooth(noise, sigma, ndim=grid.ndim))
-    return (amplitude * field / np.abs(field).max()).astype(np.float32)
 
 
 def interior(x, margin=3):
