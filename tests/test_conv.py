@@ -271,6 +271,31 @@ def test_conv_general_dilated_routes_plain_convolutions_on_cpu_and_the_rest_to_l
     np.testing.assert_allclose(folded, reference(x, w, (2, 2, 2), "SAME"), rtol=1e-4, atol=1e-4)
 
 
+def test_conv_general_dilated_falls_back_to_lax_under_jit_vmap_and_finite_differences():
+    """The calls handed to lax unchanged (a dilated kernel, grouped channels) stay lax's
+    convolution under jit, vmap over pairs, and in their gradients."""
+    x, w = random_pair((1, 5, 6, 5, 2), (3, 3, 3, 2, 2), seed=4)
+    numbers = lax.conv_dimension_numbers(x.shape, w.shape, NUMBERS)
+
+    def dilated(x, w):
+        return conv.conv_general_dilated(x, w, (1, 1, 1), "SAME", rhs_dilation=(2, 1, 2), dimension_numbers=numbers)
+
+    def grouped(x, w):
+        return conv.conv_general_dilated(x, w[..., :1, :], (1, 2, 1), "SAME", dimension_numbers=NUMBERS, feature_group_count=2)
+
+    want_dilated = lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", rhs_dilation=(2, 1, 2), dimension_numbers=numbers,
+                                            precision=lax.Precision.HIGHEST)
+    want_grouped = lax.conv_general_dilated(x, w[..., :1, :], (1, 2, 1), "SAME", dimension_numbers=NUMBERS,
+                                            feature_group_count=2, precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(jax.jit(dilated)(x, w), want_dilated, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(grouped)(x, w), want_grouped, rtol=1e-4, atol=1e-4)
+    images = jnp.stack([x, -0.5 * x, x**2])
+    weights = jnp.stack([w, 2.0 * w, -w])
+    for f in (dilated, grouped):
+        assert_vmap_matches_loop(f, images, weights, rtol=1e-4, atol=1e-4)
+        assert_grad_matches_fd(lambda p, f=f: jnp.sum(jnp.tanh(f(p[0], p[1]))), (x, w))
+
+
 def test_unet_3d_equals_the_same_weights_under_lax_convolutions():
     net = UNet(3, in_channels=2, features=(4, 6), rngs=nnx.Rngs(0))
     # Nonzero output weights, so that the output depends on every layer.

@@ -63,6 +63,39 @@ def test_grid_and_image_are_pytrees_under_jit_and_vmap():
     assert isinstance(doubled, Image) and float(doubled.data.sum()) == 40.0
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_points_and_world_to_index_are_differentiable_in_the_affine(ndim):
+    """A learned or optimised voxel-to-world matrix (a rigid fit of the grid itself) needs
+    the derivative of the voxel centres in it: for ``sum(W * points)`` that is
+    ``sum_i W_i [idx_i, 1]^T`` in the top rows and nothing in the last."""
+    affine = oblique_affine(ndim, seed=5)
+    shape = (4, 5, 3)[:ndim]
+    rng = np.random.default_rng(6)
+    weights = jnp.asarray(rng.standard_normal(shape + (ndim,)).astype(np.float32))
+
+    def energy(a):
+        return jnp.sum(weights * Grid(shape, a).points())
+
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, ndim)
+    homogeneous = np.concatenate([index, np.ones((len(index), 1))], axis=1)
+    expected = np.zeros((ndim + 1, ndim + 1))
+    expected[:ndim] = np.asarray(weights).reshape(-1, ndim).T @ homogeneous
+    np.testing.assert_allclose(jax.grad(energy)(jnp.asarray(affine)), expected, rtol=1e-5, atol=1e-3)
+    assert_grad_matches_fd(energy, affine)
+    # world_to_index goes through the inverse; its matrix varies in the top rows only, as an
+    # affine map's does (the bottom row stays (0, ..., 0, 1)).
+    world = jnp.asarray(rng.uniform(-20, 20, (6, ndim)).astype(np.float32))
+
+    def indices(top):
+        bottom = jnp.zeros((1, ndim + 1), top.dtype).at[0, ndim].set(1.0)
+        return jnp.sum(jnp.sin(Grid(shape, jnp.concatenate([top, bottom])).world_to_index(world)))
+
+    assert_grad_matches_fd(indices, affine[:ndim], eps=1e-5)
+    # Under vmap over matrices the gradients are each matrix's own.
+    tops = jnp.stack([jnp.asarray(oblique_affine(ndim, seed=s)[:ndim]) for s in range(3)])
+    assert_vmap_matches_loop(jax.grad(indices), tops, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_grids_and_images_raise():
     with pytest.raises(ValueError, match="positive size"):
         Grid((4, 0))
