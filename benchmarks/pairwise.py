@@ -23,8 +23,13 @@ time, so wall time and peak memory are its own and a crashing peer costs one row
   folder (and so jaxreg's kept traces beside it, ``jaxreg._traces``), run twice in two
   fresh processes; the second run is reported (the first, which fills the cache, is in the
   JSON as ``cache_fill``).
+- ``jaxreg-fine``: ``register(fixed, moving, preset="brain-mri-fine")`` (``brain-mri`` plus a
+  last level at full resolution) timed as ``jaxreg-cached``; only for the cases whose preset
+  is ``brain-mri`` (the others' presets already end at full resolution).
 - ``ants-syn``: ``ants.registration(fixed, moving, type_of_transform="SyN")``,
   ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` = cores, ``ANTS_RANDOM_SEED=1``.
+- ``ants-syn-fine``: the same with ``reg_iterations=(40, 20, 10)``, ANTsPy's default plus 10
+  iterations at full resolution: the peer for ``jaxreg-fine``.
 - ``ants-affine``: the same with ``type_of_transform="Affine"`` (reference only).
 - ``fireants``: FireANTs ``AffineRegistration`` then ``GreedyRegistration`` on the GPU where
   torch sees one, else on the CPU (``--torch-device``; torch threads = cores), skipped with the reason when ``import fireants`` fails. It is
@@ -73,7 +78,14 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks._paths import REPO, RESULTS as DEFAULT_OUT, SHARED_DATA as DEFAULT_DATA, repo_env, work_folder  # noqa: E402
 
 CASES = ("oasis3d", "oasis2d", "headct", "brain2mm")
-METHODS = ("jaxreg", "jaxreg-cached", "ants-syn", "ants-affine", "fireants", "fireants-greedy", "syntx-jax", "syntx-torch")
+METHODS = ("jaxreg", "jaxreg-cached", "jaxreg-fine", "ants-syn", "ants-syn-fine", "ants-affine", "fireants", "fireants-greedy",
+           "syntx-jax", "syntx-torch")
+# jaxreg-fine: the brain preset with a last level at full resolution, for the cases that use
+# the brain preset; ants-syn-fine: ANTsPy's SyN with 10 iterations at full resolution added
+# (its default reg_iterations are (40, 20, 0)), and half of each in --quick.
+FINE_PRESETS = {None: "brain-mri-fine", "brain-mri": "brain-mri-fine"}
+ANTS_FINE = dict(reg_iterations=(40, 20, 10))
+ANTS_FINE_QUICK = dict(reg_iterations=(20, 10, 5))
 REFERENCE = "ants-syn"  # ratios and differences are against this method
 QUICK_FACTOR = 2  # --quick: every input downsampled by this factor
 
@@ -237,7 +249,9 @@ def _worker_ants(spec, data):
     moving = _ants_image(ants, data["moving"], data["moving_affine"])
     kind = spec["type_of_transform"]
     options = {}
-    if spec["quick"]:
+    if spec.get("fine"):
+        options = dict(ANTS_FINE_QUICK if spec["quick"] else ANTS_FINE)
+    elif spec["quick"]:
         options = dict(reg_iterations=ANTS_QUICK["reg_iterations"]) if kind == "SyN" else dict(aff_iterations=ANTS_QUICK["aff_iterations"])
     prefix = os.path.join(spec["out"], "ants_")
     register = lambda: ants.registration(fixed, moving, type_of_transform=kind, outprefix=prefix, **options)  # noqa: E731
@@ -609,13 +623,16 @@ def method_env(method: str, threads: int) -> dict:
 
 
 def method_spec(method: str, pair: Pair, inputs: str, quick: bool, threads: int) -> dict:
-    kind = {"jaxreg": "jaxreg", "jaxreg-cached": "jaxreg", "ants-syn": "ants", "ants-affine": "ants", "fireants": "fireants",
-            "fireants-greedy": "fireants", "syntx-jax": "syntx", "syntx-torch": "syntx"}[method]
+    kind = {"jaxreg": "jaxreg", "jaxreg-cached": "jaxreg", "jaxreg-fine": "jaxreg", "ants-syn": "ants", "ants-syn-fine": "ants",
+            "ants-affine": "ants", "fireants": "fireants", "fireants-greedy": "fireants", "syntx-jax": "syntx", "syntx-torch": "syntx"}[method]
     spec = dict(method=method, kind=kind, inputs=inputs, quick=quick, preset=pair.preset, threads=threads)
+    if method == "jaxreg-fine":
+        spec["preset"] = FINE_PRESETS[pair.preset]
     if kind == "syntx":
         spec["backend"] = "jax" if method == "syntx-jax" else "pytorch"
-    if method == "ants-syn":
+    if method in ("ants-syn", "ants-syn-fine"):
         spec["type_of_transform"] = "SyN"
+        spec["fine"] = method == "ants-syn-fine"
     elif method == "ants-affine":
         spec["type_of_transform"] = "Affine"
     return spec
@@ -624,7 +641,7 @@ def method_spec(method: str, pair: Pair, inputs: str, quick: bool, threads: int)
 def run_method(method, pair, inputs, folder, args, threads):
     spec = dict(method_spec(method, pair, inputs, args.quick, threads), torch_device=args.torch_device)
     env = method_env(method, threads)
-    if method != "jaxreg-cached":
+    if method not in ("jaxreg-cached", "jaxreg-fine"):
         return run_worker(spec, folder, args.timeout, env)
     cache = os.path.join(folder, "jax-cache")  # fresh per pair: the other direction must not warm it
     os.makedirs(cache, exist_ok=True)
@@ -836,7 +853,8 @@ def render(result) -> str:
         "(lower + compile of every pyramid level) and `Result.run_seconds` (the compiled levels running); the rest of "
         "wall is eager work (pyramids, the inverse, the final warp). **jaxreg-cached**: JAX persistent compilation cache "
         "in a fresh folder (with jaxreg's traced programs kept beside it), filled by one process, then a second "
-        "fresh process is timed (reported). "
+        "fresh process is timed (reported); **jaxreg-fine** the same with preset `brain-mri-fine` (a last level at full "
+        "resolution), **ants-syn-fine** ANTs SyN with `reg_iterations=(40, 20, 10)` (its default is (40, 20, 0)). "
         "**peak MiB**: peak resident memory (`VmHWM`) of the method's process right after registration (imports "
         "and data included), with the growth during the registration call in brackets (a peak reached while "
         "importing hides a smaller one later: +0).",
@@ -876,7 +894,7 @@ def render(result) -> str:
             else:
                 quality = [_fmt(before.get("ncc"), ".3f"), _fmt(s.get("ncc"), ".3f"), _fmt(r.get("delta_vs_reference"), "+.3f")]
             note = r.get("note", "")
-            if r["method"] == "jaxreg-cached" and r.get("cache_fill"):
+            if r["method"] in ("jaxreg-cached", "jaxreg-fine") and r.get("cache_fill"):
                 note = (note + "; " if note else "") + f"cache-filling run: wall {r['cache_fill']['wall_s']:.1f} s, compile {r['cache_fill']['compile_s']:.1f} s"
             rows.append([r["method"], r["direction"], *quality, _fmt(s.get("folds_pct"), ".3f"), _secs(r.get("wall_s")),
                          _secs(r.get("compile_s")), _secs(r.get("run_s")), peak_text,
@@ -946,6 +964,10 @@ def run_case(case, args, threads, workdir, skipped_methods) -> dict:
             row = {"method": method, "direction": pair.direction, "before": scorer.before}
             if method in skipped_methods:
                 row["note"] = f"skipped: {skipped_methods[method]}"
+                record["rows"].append(row)
+                continue
+            if method == "jaxreg-fine" and pair.preset not in FINE_PRESETS:
+                row["note"] = f"not run: preset {pair.preset!r} already ends at full resolution"
                 record["rows"].append(row)
                 continue
             print(f"[{case} {pair.direction}] {method} ...", file=sys.stderr, flush=True)

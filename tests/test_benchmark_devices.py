@@ -99,3 +99,21 @@ def test_fireants_greedy_is_fireants_from_the_identity_with_the_same_environment
     assert greedy["kind"] == both["kind"] == "fireants" and greedy["method"] == "fireants-greedy"
     assert pairwise.method_env("fireants-greedy", 2)["OMP_NUM_THREADS"] == pairwise.method_env("fireants", 2)["OMP_NUM_THREADS"]
     assert "fireants-greedy" in pairwise.METHODS
+
+
+def test_fine_methods_add_a_full_resolution_level_to_the_brain_preset_and_to_ants_syn():
+    from benchmarks import pairwise
+    from jaxreg.registration import PRESETS
+
+    zeros = np.zeros((4, 4, 4), np.float32)
+    brain = pairwise.Pair("oasis3d", "0001→0002", zeros, np.eye(4), zeros, np.eye(4))
+    fine = pairwise.method_spec("jaxreg-fine", brain, "full", False, 2)
+    assert fine["kind"] == "jaxreg" and fine["preset"] == "brain-mri-fine"
+    coarse, full = PRESETS["brain-mri"]["deformable_options"], PRESETS[fine["preset"]]["deformable_options"]
+    assert full["shrink"] == (*coarse["shrink"], 1) and full["steps"][:-1] == coarse["steps"]
+    assert "ct" not in pairwise.FINE_PRESETS  # the CT preset already ends at full resolution
+    ants_fine, ants = (pairwise.method_spec(m, brain, "full", False, 2) for m in ("ants-syn-fine", "ants-syn"))
+    assert ants_fine["type_of_transform"] == ants["type_of_transform"] == "SyN"
+    assert ants_fine["fine"] and not ants["fine"]
+    assert pairwise.ANTS_FINE["reg_iterations"][-1] > 0 and pairwise.ANTS_QUICK["reg_iterations"][-1] == 0
+    assert pairwise.method_env("ants-syn-fine", 2)["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "2"
