@@ -265,7 +265,7 @@ def test_register_reports_stages_and_timings_and_presets_resolve_steps():
     assert len(result.losses) == 3
     assert _steps_for((2, 1), (4, 2), (80, 40)) == (40, 40)
     assert _steps_for((8, 4), (4, 2, 1), (100, 60, 30)) == (100, 100)
-    assert set(PRESETS) >= {"brain-mri", "fast", "ct", "multimodal", "rigid", "affine"}
+    assert set(PRESETS) >= {"brain-mri", "brain-mri-fine", "fast", "ct", "multimodal", "rigid", "affine"}
     # traced: nothing to time
     traced = jax.jit(lambda f, m: register(Image(f, fixed.affine), Image(m, fixed.affine), preset="fast", shrink=(1,)).warped.data)
     assert traced(fixed.data, moving.data).shape == fixed.shape
@@ -303,6 +303,22 @@ def test_vmap_of_register_equals_a_loop_over_pairs():
         # (jaxreg._programs.FAST_COMPILE_VOXELS), batched with the newer: other roundings.
         for got, expected in zip(one.losses, single.losses):
             np.testing.assert_allclose(got, expected, rtol=5e-4, atol=1e-6)
+
+
+def test_fine_brain_preset_adds_a_full_resolution_level_that_registers_closer():
+    # 64^2 keeps every level (none coarser than 16 voxels). Measured: Dice 0.929 -> 0.968 and
+    # mean |warped - fixed| 0.0053 -> 0.0020 with the full-resolution level.
+    fixed, fixed_labels, moving, moving_labels = _warped_pair(30, amplitude=5.0, shape=(64, 64))
+    default = register(fixed, moving, preset="brain-mri")
+    fine = register(fixed, moving, preset="brain-mri-fine")
+    assert default.stages == ("affine@4", "affine@2", "greedy@4", "greedy@2")
+    assert fine.stages == default.stages + ("greedy@1",)
+    _, dice_default = _dice_gain(default.transform, fixed, fixed_labels, moving_labels)
+    _, dice_fine = _dice_gain(fine.transform, fixed, fixed_labels, moving_labels)
+    assert dice_fine > dice_default + 0.02, (dice_default, dice_fine)
+    residual = lambda result: float(jnp.mean(jnp.abs(result.warped.data - fixed.data)))  # noqa: E731
+    assert residual(fine) < 0.6 * residual(default)
+    assert float(jnp.mean(jacobian_determinant(fine.transform, fixed.grid) <= 0)) == 0.0
 
 
 def test_rigid_preset_has_no_deformable_stage():
