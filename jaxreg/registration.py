@@ -827,7 +827,7 @@ PRESETS: dict[str, dict] = {
         affine_options=dict(similarity_loss="ncc", shrink=(4, 2), steps=(100, 50)),
         deformable_options=dict(similarity_loss="lncc", shrink=(4, 2, 1), steps=(100, 40, 20), learning_rate=0.6),
     ),
-    # The same, coarser and shorter: a first look in seconds.
+    # brain-mri coarser and shorter: a first look in seconds.
     "fast": dict(
         affine="affine",
         deformable="svf",

@@ -313,6 +313,10 @@ def test_fine_brain_preset_adds_a_full_resolution_level_that_registers_closer():
     fine = register(fixed, moving, preset="brain-mri-fine")
     assert default.stages == ("affine@4", "affine@2", "greedy@4", "greedy@2")
     assert fine.stages == default.stages + ("greedy@1",)
+    brain, brain_fine = PRESETS["brain-mri"], PRESETS["brain-mri-fine"]
+    assert brain_fine["affine_options"] == brain["affine_options"]  # only the deformable stage differs
+    assert {k: v for k, v in brain_fine["deformable_options"].items() if k not in ("shrink", "steps")} == {
+        k: v for k, v in brain["deformable_options"].items() if k not in ("shrink", "steps")}
     _, dice_default = _dice_gain(default.transform, fixed, fixed_labels, moving_labels)
     _, dice_fine = _dice_gain(fine.transform, fixed, fixed_labels, moving_labels)
     assert dice_fine > dice_default + 0.02, (dice_default, dice_fine)
