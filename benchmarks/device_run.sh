@@ -25,7 +25,7 @@ python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| t
 case $suite in
   kernels) python3 benchmarks/kernels.py --torch-device "$torch_device" --out "$out/kernels-gpu.json" "$@" ;;
   population) python3 benchmarks/population.py --large --host-devices 1 --out "$out/population-gpu.json" "$@" ;;
-  pairwise) python3 benchmarks/pairwise.py --only oasis3d --methods jaxreg,jaxreg-cached,fireants,fireants-greedy --torch-device "$torch_device" \
+  pairwise) python3 benchmarks/pairwise.py --only oasis3d --methods jaxreg,jaxreg-cached,jaxreg-fine,fireants,fireants-greedy --torch-device "$torch_device" \
               --tag gpu --out "$out" "$@" ;;
   # The tests pin JAX to the CPU unless JAX_PLATFORMS says otherwise; here they run on the GPU, and each
   # xdist worker takes GPU memory as it goes instead of the 75% that JAX would reserve per process.
