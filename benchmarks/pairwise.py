@@ -84,6 +84,8 @@ METHODS = ("jaxreg", "jaxreg-cached", "jaxreg-fine", "ants-syn", "ants-syn-fine"
 # the brain preset; ants-syn-fine: ANTsPy's SyN with 10 iterations at full resolution added
 # (its default reg_iterations are (40, 20, 0)), and half of each in --quick.
 FINE_PRESETS = {None: "brain-mri-fine", "brain-mri": "brain-mri-fine"}
+# The jaxreg methods timed in a second process whose persistent compilation cache the first filled.
+CACHED_METHODS = ("jaxreg-cached", "jaxreg-fine")
 ANTS_FINE = dict(reg_iterations=(40, 20, 10))
 ANTS_FINE_QUICK = dict(reg_iterations=(20, 10, 5))
 REFERENCE = "ants-syn"  # ratios and differences are against this method
@@ -641,7 +643,7 @@ def method_spec(method: str, pair: Pair, inputs: str, quick: bool, threads: int)
 def run_method(method, pair, inputs, folder, args, threads):
     spec = dict(method_spec(method, pair, inputs, args.quick, threads), torch_device=args.torch_device)
     env = method_env(method, threads)
-    if method not in ("jaxreg-cached", "jaxreg-fine"):
+    if method not in CACHED_METHODS:
         return run_worker(spec, folder, args.timeout, env)
     cache = os.path.join(folder, "jax-cache")  # fresh per pair: the other direction must not warm it
     os.makedirs(cache, exist_ok=True)
@@ -894,7 +896,7 @@ def render(result) -> str:
             else:
                 quality = [_fmt(before.get("ncc"), ".3f"), _fmt(s.get("ncc"), ".3f"), _fmt(r.get("delta_vs_reference"), "+.3f")]
             note = r.get("note", "")
-            if r["method"] in ("jaxreg-cached", "jaxreg-fine") and r.get("cache_fill"):
+            if r["method"] in CACHED_METHODS and r.get("cache_fill"):
                 note = (note + "; " if note else "") + f"cache-filling run: wall {r['cache_fill']['wall_s']:.1f} s, compile {r['cache_fill']['compile_s']:.1f} s"
             rows.append([r["method"], r["direction"], *quality, _fmt(s.get("folds_pct"), ".3f"), _secs(r.get("wall_s")),
                          _secs(r.get("compile_s")), _secs(r.get("run_s")), peak_text,
