@@ -26,6 +26,10 @@ time, so wall time and peak memory are its own and a crashing peer costs one row
 - ``jaxreg-fine``: ``register(fixed, moving, preset="brain-mri-fine")`` (``brain-mri`` plus a
   last level at full resolution) timed as ``jaxreg-cached``; only for the cases whose preset
   is ``brain-mri`` (the others' presets already end at full resolution).
+- ``jaxreg-bspline``: ``register(fixed, moving, preset=<the case's>, deformable="bspline")``, the
+  preset's affine stage then a cubic B-spline free-form deformation (control points every 5
+  voxels, bending penalty 0.1, the preset's levels, steps and similarity), timed as
+  ``jaxreg-cached``: the peer of ``elastix-bspline``.
 - ``ants-syn``: ``ants.registration(fixed, moving, type_of_transform="SyN")``,
   ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` = cores, ``ANTS_RANDOM_SEED=1``.
 - ``ants-syn-fine``: the same with ``reg_iterations=(40, 20, 10)``, ANTsPy's default plus 10
@@ -48,9 +52,15 @@ time, so wall time and peak memory are its own and a crashing peer costs one row
   module stands in, noted in the row's settings. It writes ANTs files (``1Warp.nii.gz``,
   ``0GenericAffine.mat``), used exactly as ``ants-syn``'s.
 
+- ``elastix-bspline``: elastix (``pip install itk-elastix``) with its default parameter maps
+  ``affine`` then ``bspline`` (``ELASTIX`` below; the final resampling made linear),
+  ``itk.elastix_registration_method``, ITK threads = cores; labels warped by transformix with
+  its nearest-neighbour interpolator, the transform read back as transformix's deformation
+  field. Skipped with the reason when ``import itk`` or its elastix module fails.
+
 Every method's labels are warped through its own transform with nearest-neighbour
 interpolation (jaxreg ``warp(order=0)``, ``ants.apply_transforms(nearestNeighbor)`` for ANTs and syntx,
-FireANTs ``grid_sample(mode="nearest")``); all scores are then computed the same way, here,
+FireANTs ``grid_sample(mode="nearest")``, transformix ``FinalNearestNeighborInterpolator`` for elastix); all scores are then computed the same way, here,
 with ``jaxreg.metrics``. See the Markdown header for what each number means.
 """
 
@@ -78,14 +88,14 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks._paths import REPO, RESULTS as DEFAULT_OUT, SHARED_DATA as DEFAULT_DATA, repo_env, work_folder  # noqa: E402
 
 CASES = ("oasis3d", "oasis2d", "headct", "brain2mm")
-METHODS = ("jaxreg", "jaxreg-cached", "jaxreg-fine", "ants-syn", "ants-syn-fine", "ants-affine", "fireants", "fireants-greedy",
-           "syntx-jax", "syntx-torch")
+METHODS = ("jaxreg", "jaxreg-cached", "jaxreg-fine", "jaxreg-bspline", "ants-syn", "ants-syn-fine", "ants-affine", "fireants",
+           "fireants-greedy", "syntx-jax", "syntx-torch", "elastix-bspline")
 # jaxreg-fine: the brain preset with a last level at full resolution, for the cases that use
 # the brain preset; ants-syn-fine: ANTsPy's SyN with 10 iterations at full resolution added
 # (its default reg_iterations are (40, 20, 0)), and half of each in --quick.
 FINE_PRESETS = {None: "brain-mri-fine", "brain-mri": "brain-mri-fine"}
 # The jaxreg methods timed in a second process whose persistent compilation cache the first filled.
-CACHED_METHODS = ("jaxreg-cached", "jaxreg-fine")
+CACHED_METHODS = ("jaxreg-cached", "jaxreg-fine", "jaxreg-bspline")
 ANTS_FINE = dict(reg_iterations=(40, 20, 10))
 ANTS_FINE_QUICK = dict(reg_iterations=(20, 10, 5))
 REFERENCE = "ants-syn"  # ratios and differences are against this method
@@ -108,6 +118,14 @@ ANTS_QUICK = dict(reg_iterations=(20, 10, 0), aff_iterations=(200, 100, 50, 0))
 # its regularizer default differs by backend: 'sobolev' for pytorch, 'gaussian' for jax.
 SYNTX = dict(type_of_transform="SyN")
 SYNTX_QUICK = dict(reg_iterations=(50, 50, 25), affine_iterations=(50, 25, 10))
+# elastix settings: its own default parameter maps "affine" then "bspline", the pair its
+# manual starts from (Mattes mutual information; adaptive stochastic gradient descent on
+# 2048 random samples per iteration; 4 resolutions of 256 iterations; B-spline control
+# points every 10 mm, refined from 28 mm, with a bending-energy penalty of weight 1). The
+# one change: the final resampling is linear, as every other method's warped image is
+# scored (its default is cubic).
+ELASTIX = dict(maps=("affine", "bspline"), overrides={"ResampleInterpolator": "FinalLinearInterpolator"})
+ELASTIX_QUICK = {"MaximumNumberOfIterations": "64"}
 
 
 class Skip(Exception):
@@ -184,7 +202,7 @@ def _worker_jaxreg(spec, data):
     moving = Image(jnp.asarray(data["moving"]), jnp.asarray(data["moving_affine"]))
     block((fixed, moving))  # the backend is up and the data are on it before the clock starts
     preset = spec["preset"] or "brain-mri"
-    options = {}
+    options = {"deformable": spec["deformable"]} if spec.get("deformable") else {}
     if spec["quick"]:
         chosen = PRESETS[preset]
         affine_options = chosen.get("affine_options", {})
@@ -435,7 +453,81 @@ def _worker_syntx(spec, data):
     )
 
 
-WORKERS = {"jaxreg": _worker_jaxreg, "ants": _worker_ants, "fireants": _worker_fireants, "syntx": _worker_syntx}
+def _worker_elastix(spec, data):
+    try:
+        import itk
+
+        itk.ElastixRegistrationMethod  # itk loads its modules lazily: without itk-elastix this fails here
+    except Exception as e:  # ImportError, AttributeError, or a module that fails on import
+        raise Skip(f"import itk (itk-elastix) failed: {type(e).__name__}: {e}") from None
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(spec["threads"])
+
+    def image(array, affine):
+        origin, spacing, direction = _lps_geometry(affine)
+        img = itk.GetImageFromArray(np.ascontiguousarray(np.asarray(array, np.float32).T))  # ITK arrays are z, y, x
+        img.SetOrigin([float(v) for v in origin])
+        img.SetSpacing([float(v) for v in spacing])
+        img.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
+        return img
+
+    fixed = image(data["fixed"], data["fixed_affine"])
+    moving = image(data["moving"], data["moving_affine"])
+    parameters = itk.ParameterObject.New()
+    for name in ELASTIX["maps"]:
+        stage = parameters.GetDefaultParameterMap(name)
+        for key, value in {**ELASTIX["overrides"], **(ELASTIX_QUICK if spec["quick"] else {})}.items():
+            stage[key] = [value]
+        parameters.AddParameterMap(stage)
+    rss_before = _max_rss_mib()
+    start = time.perf_counter()
+    warped, transform = itk.elastix_registration_method(fixed, moving, parameter_object=parameters, log_to_console=False)
+    wall = time.perf_counter() - start
+    peak = _max_rss_mib()
+
+    outputs = {"warped": np.asarray(itk.GetArrayFromImage(warped), np.float32).T.copy()}
+    if "moving_seg" in data:
+        nearest = itk.ParameterObject.New()
+        for i in range(transform.GetNumberOfParameterMaps()):
+            nearest.AddParameterMap(transform.GetParameterMap(i))
+        nearest.SetParameter("ResampleInterpolator", "FinalNearestNeighborInterpolator")
+        labels = itk.transformix_filter(image(data["moving_seg"], data["moving_affine"]), nearest)
+        outputs["warped_seg"] = np.rint(np.asarray(itk.GetArrayFromImage(labels)).T).astype(np.int32)
+    # The transform as world points: transformix's deformation field is the LPS displacement
+    # of each fixed voxel centre (z, y, x array order), added to the RAS centres after the flip.
+    transformix = itk.TransformixFilter.New(moving, transform_parameter_object=transform)
+    transformix.SetComputeDeformationField(True)
+    transformix.Update()
+    field = np.asarray(itk.GetArrayFromImage(transformix.GetOutputDeformationField()), np.float64)
+    d = field.shape[-1]
+    field = np.transpose(field, tuple(range(d - 1, -1, -1)) + (d,))
+    outputs["mapped_points"] = (_voxel_centres(data["fixed_affine"], field.shape[:-1]) + _flip_xy(field)).astype(np.float32)
+    versions = {}
+    for name in ("itk-elastix", "itk"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return outputs, dict(
+        wall_s=wall,
+        rss_before_mib=rss_before,
+        peak_rss_mib=peak,
+        settings=dict(maps=list(ELASTIX["maps"]), overrides=dict(ELASTIX["overrides"], **(ELASTIX_QUICK if spec["quick"] else {})),
+                      threads=spec["threads"],
+                      transforms=[str(transform.GetParameterMap(i)["Transform"][0]) for i in range(transform.GetNumberOfParameterMaps())]),
+        versions=versions,
+    )
+
+
+def _voxel_centres(affine, shape):
+    """RAS world points of every voxel centre of a grid, shape + (d,)."""
+    affine = np.asarray(affine, np.float64)
+    d = len(shape)
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
+    return index @ affine[:d, :d].T + affine[:d, d]
+
+
+WORKERS = {"jaxreg": _worker_jaxreg, "ants": _worker_ants, "fireants": _worker_fireants, "syntx": _worker_syntx,
+           "elastix": _worker_elastix}
 
 
 def worker_main(spec_path: str) -> int:
@@ -616,7 +708,7 @@ def run_worker(spec: dict, folder: str, timeout: float, env: dict) -> dict:
 def method_env(method: str, threads: int) -> dict:
     env = repo_env()
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    if method.startswith("ants"):
+    if method.startswith(("ants", "elastix")):
         env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
         env["ANTS_RANDOM_SEED"] = "1"
     if method in ("fireants", "fireants-greedy", "syntx-torch"):
@@ -625,11 +717,14 @@ def method_env(method: str, threads: int) -> dict:
 
 
 def method_spec(method: str, pair: Pair, inputs: str, quick: bool, threads: int) -> dict:
-    kind = {"jaxreg": "jaxreg", "jaxreg-cached": "jaxreg", "jaxreg-fine": "jaxreg", "ants-syn": "ants", "ants-syn-fine": "ants",
-            "ants-affine": "ants", "fireants": "fireants", "fireants-greedy": "fireants", "syntx-jax": "syntx", "syntx-torch": "syntx"}[method]
+    kind = {"jaxreg": "jaxreg", "jaxreg-cached": "jaxreg", "jaxreg-fine": "jaxreg", "jaxreg-bspline": "jaxreg", "ants-syn": "ants",
+            "ants-syn-fine": "ants", "ants-affine": "ants", "fireants": "fireants", "fireants-greedy": "fireants", "syntx-jax": "syntx",
+            "syntx-torch": "syntx", "elastix-bspline": "elastix"}[method]
     spec = dict(method=method, kind=kind, inputs=inputs, quick=quick, preset=pair.preset, threads=threads)
     if method == "jaxreg-fine":
         spec["preset"] = FINE_PRESETS[pair.preset]
+    if method == "jaxreg-bspline":
+        spec["deformable"] = "bspline"
     if kind == "syntx":
         spec["backend"] = "jax" if method == "syntx-jax" else "pytorch"
     if method in ("ants-syn", "ants-syn-fine"):
@@ -800,7 +895,26 @@ class Scorer:
 
                 check["affine_det"] = float(np.linalg.det(np.asarray(itk.read_affine(affine_files[0]).linear, np.float64)))
             scores["ants_jacobian"] = check
+        if method == "elastix-bspline":
+            scores["field_check"] = self.field_check(outputs)
         return scores
+
+    def field_check(self, outputs) -> dict:
+        """Whether the read-back field is elastix's transform: the moving image and labels
+        warped through it by jaxreg, against transformix's own warped image and labels."""
+        import jax.numpy as jnp
+
+        from jaxreg.grid import Image
+        from jaxreg.transforms import Displacement, warp
+
+        transform = Displacement(jnp.asarray(outputs["mapped_points"]) - self.grid.points(), self.grid.affine)
+        image = np.asarray(warp(Image(jnp.asarray(self.pair.moving), self.pair.moving_affine), transform, self.grid).data)
+        check = {"max_abs_diff_warped": float(np.max(np.abs(image - outputs["warped"]))),
+                 "moving_max_abs": float(np.max(np.abs(self.pair.moving)))}
+        if "warped_seg" in outputs:
+            labels = warp(Image(jnp.asarray(self.pair.moving_seg, jnp.float32), self.pair.moving_affine), transform, self.grid, order=0)
+            check["labels_agree_pct"] = 100.0 * float(np.mean(np.rint(np.asarray(labels.data)).astype(np.int32) == outputs["warped_seg"]))
+        return check
 
 
 # =============================================================================== report
@@ -851,12 +965,14 @@ def render(result) -> str:
         "- protocol: each method runs alone in a fresh process (`--worker`). **wall s**: the registration call only "
         "(jaxreg `register()` until every output array is ready, tracing and XLA compilation included; "
         "`ants.registration()`, which writes its transform files; FireANTs affine (not for fireants-greedy) + greedy `optimize()` and the warped "
-        "image; `syntx.syn()`, which also writes its transform files and warps both images), not the imports or data loading. **compile s** / **run s**: jaxreg's `Result.compile_seconds` "
+        "image; `syntx.syn()`, which also writes its transform files and warps both images; elastix's `elastix_registration_method()` and its warped image), not the imports or data loading. **compile s** / **run s**: jaxreg's `Result.compile_seconds` "
         "(lower + compile of every pyramid level) and `Result.run_seconds` (the compiled levels running); the rest of "
         "wall is eager work (pyramids, the inverse, the final warp). **jaxreg-cached**: JAX persistent compilation cache "
         "in a fresh folder (with jaxreg's traced programs kept beside it), filled by one process, then a second "
         "fresh process is timed (reported); **jaxreg-fine** the same with preset `brain-mri-fine` (a last level at full "
-        "resolution), **ants-syn-fine** ANTs SyN with `reg_iterations=(40, 20, 10)` (its default is (40, 20, 0)). "
+        "resolution), **jaxreg-bspline** the same with `deformable=\"bspline\"` (the preset's affine stage, then a cubic B-spline "
+        "free-form deformation, control points every 5 voxels), **ants-syn-fine** ANTs SyN with `reg_iterations=(40, 20, 10)` "
+        "(its default is (40, 20, 0)), **elastix-bspline** elastix's default `affine` and `bspline` parameter maps. "
         "**peak MiB**: peak resident memory (`VmHWM`) of the method's process right after registration (imports "
         "and data included), with the growth during the registration call in brackets (a peak reached while "
         "importing hides a smaller one later: +0).",
@@ -869,7 +985,8 @@ def render(result) -> str:
         "over the stated mask. **% folds** = % of fixed-grid voxels where the Jacobian determinant of the whole "
         "transform (affine and deformable) is <= 0, by `jaxreg.transforms.jacobian_determinant` (central "
         "differences in mm) -- for ANTs and syntx on their `fwdtransforms` files read by `jaxreg.itk.read_transforms`, for "
-        "FireANTs on the world points its `get_warped_coordinates` maps the fixed voxels to. "
+        "FireANTs on the world points its `get_warped_coordinates` maps the fixed voxels to, for elastix on transformix's "
+        "deformation field. "
         f"**× {REFERENCE}** = wall / {REFERENCE} wall of the same direction; **ΔDice**, **ΔNCC** = method - {REFERENCE}.",
         "",
     ]
@@ -915,7 +1032,17 @@ def render(result) -> str:
                 f"|composite - jaxreg's determinant| median {c['median_abs_diff_composite_vs_jaxreg']:.2e}, "
                 f"99th percentile {c['p99_abs_diff_composite_vs_jaxreg']:.2e}."
             )
-        if checks:
+        fields = [r for r in case["rows"] if "field_check" in r.get("scores", {})]
+        for r in fields:
+            c = r["scores"]["field_check"]
+            agree = f"; labels warped by jaxreg through it agree with transformix's at {c['labels_agree_pct']:.3f} % of voxels" \
+                if "labels_agree_pct" in c else ""
+            lines.append(
+                f"- elastix field check ({r['direction']}): the moving image warped by jaxreg through transformix's deformation "
+                f"field differs from elastix's own warped image by at most {c['max_abs_diff_warped']:.2e} "
+                f"(image values up to {c['moving_max_abs']:.3g}){agree}."
+            )
+        if checks or fields:
             lines.append("")
     return "\n".join(lines)
 

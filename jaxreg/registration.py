@@ -779,10 +779,12 @@ def register_bspline(
     bending = regularizers.bending()
 
     def energy(coefficients, fixed_level, moving_level, mask, context):
-        transform = _then(context, BSpline(coefficients, control.affine))
-        warped = warp(moving_level, transform, fixed_level.grid).data
+        spline = BSpline(coefficients, control.affine)
+        # Every level's grid is the fixed grid downsampled: its axes run along the control
+        # grid's, so the spline is evaluated there by separable products, not per point.
+        warped = warp(moving_level, _then(context, spline.on_parallel_grid(fixed_level.grid)), fixed_level.grid).data
         value = similarity_loss(warped, fixed_level.data, mask=mask) + regularization * bending(coefficients, control)
-        return value + landmark_weight * _landmark_term(transform, context)
+        return value + landmark_weight * _landmark_term(_then(context, spline), context)
 
     coefficients, losses, _ = _pyramid_stage(
         fixed,
@@ -856,6 +858,18 @@ _UNSET = object()
 
 def _invert_on(transform: Transform, grid: Grid) -> Displacement:
     return invert(transform, grid=grid)
+
+
+def _invert_spline_on(spline: BSpline, grid: Grid) -> Displacement:
+    # Inverting the spline sampled on the grid (and interpolated linearly between voxels)
+    # instead of the spline itself: on a 48x48 test the round trip's error grew from 0.041 to
+    # 0.063 voxels at worst (median 0.005 to 0.009); per-point steps on the spline to refine
+    # it cost 20 s each on 160x192x224.
+    return invert(spline.on_parallel_grid(grid), grid=grid)
+
+
+def _warp_spline(moving: Image, linear: Transform, spline: BSpline, grid: Grid) -> Image:
+    return warp(moving, compose(linear, spline.on_parallel_grid(grid)), grid)
 
 
 _MIN_COARSE_VOXELS = 16
@@ -982,13 +996,21 @@ def register(
         dense, dense_losses = stage(fixed, moving, initial=transform, **common, **dense_options)
         if isinstance(dense, Velocity):
             dense_inverse = dense.inverse()
+        elif isinstance(dense, BSpline):
+            # register_bspline lays its control grid on fixed.grid, so the spline is sampled
+            # there separably and inverted as a dense field: 2^d taps per point and iteration
+            # instead of 4^d.
+            dense_inverse = _programs.run(_invert_spline_on, (dense, fixed.grid), voxels=math.prod(fixed.shape))
         else:
             grid = dense.grid if isinstance(dense, Displacement) else fixed.grid
             dense_inverse = _programs.run(_invert_on, (dense, grid), voxels=math.prod(grid.shape))
         inverse = compose(dense_inverse, inverse)
-        transform = compose(transform, dense)
+        linear, transform = transform, compose(transform, dense)
         losses += dense_losses
     # One program for the final full-resolution warp: op by op, composing the transform and
     # sampling 160x192x224 voxels took 2.0 s, most of it dispatch and unfused passes.
-    warped = _programs.run(warp, (original_moving, transform, fixed.grid), voxels=math.prod(fixed.shape))
+    if deformable is not None and isinstance(dense, BSpline):
+        warped = _programs.run(_warp_spline, (original_moving, linear, dense, fixed.grid), voxels=math.prod(fixed.shape))
+    else:
+        warped = _programs.run(warp, (original_moving, transform, fixed.grid), voxels=math.prod(fixed.shape))
     return Result(transform, inverse, warped, losses, **clock.result_fields())

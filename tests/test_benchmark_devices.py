@@ -117,3 +117,27 @@ def test_fine_methods_add_a_full_resolution_level_to_the_brain_preset_and_to_ant
     assert ants_fine["fine"] and not ants["fine"]
     assert pairwise.ANTS_FINE["reg_iterations"][-1] > 0 and pairwise.ANTS_QUICK["reg_iterations"][-1] == 0
     assert pairwise.method_env("ants-syn-fine", 2)["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "2"
+
+
+def test_bspline_methods_pair_jaxregs_spline_stage_with_elastix():
+    from benchmarks import pairwise
+
+    zeros = np.zeros((4, 4), np.float32)
+    ct = pairwise.Pair("headct", "moving→fixed", zeros, np.eye(3), zeros, np.eye(3), "ct")
+    spline = pairwise.method_spec("jaxreg-bspline", ct, "full", False, 2)
+    assert spline["kind"] == "jaxreg" and spline["deformable"] == "bspline" and spline["preset"] == "ct"
+    assert "deformable" not in pairwise.method_spec("jaxreg-cached", ct, "full", False, 2)
+    assert "jaxreg-bspline" in pairwise.CACHED_METHODS  # timed with a warm cache, as jaxreg-cached
+    elastix = pairwise.method_spec("elastix-bspline", ct, "full", False, 2)
+    assert elastix["kind"] == "elastix" and elastix["method"] in pairwise.METHODS
+    assert pairwise.ELASTIX["maps"] == ("affine", "bspline")
+    assert pairwise.method_env("elastix-bspline", 3)["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "3"
+
+
+def test_voxel_centres_are_the_grids_world_points():
+    from benchmarks import pairwise
+    from jaxreg.grid import Grid
+    from tests.helpers import oblique_affine
+
+    affine = oblique_affine(3, seed=5).astype(np.float64)
+    np.testing.assert_allclose(pairwise._voxel_centres(affine, (4, 3, 5)), Grid((4, 3, 5), affine).points(), rtol=1e-5, atol=1e-3)

@@ -1,6 +1,7 @@
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from jaxreg.filters import gaussian_smooth
 from jaxreg.grid import Grid, Image
+from jaxreg.sampling import sample
 from jaxreg.transforms import (
     AFFINE_KINDS,
     Affine,
@@ -190,6 +192,58 @@ def test_bspline_partition_of_unity_and_single_bump():
     points = control.index_to_world(jnp.array([[3.0, 3.0], [4.0, 3.0], [4.0, 4.0]]))
     # beta3 at 0 and 1 is 2/3 and 1/6; a tensor product in 2-D.
     np.testing.assert_allclose((bump(points) - points)[:, 0], [4 / 9, 1 / 9, 1 / 36], atol=1e-6)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_bspline_on_parallel_grids_equals_the_per_point_spline(ndim):
+    from jaxreg.registration import _shrunk
+    from jaxreg.transforms import _axes_parallel
+    from tests.helpers import oblique_affine
+
+    shape = (23, 19, 15)[:ndim]
+    image = Image(np.zeros(shape, np.float32), oblique_affine(ndim, seed=3))
+    control = BSpline.control_grid(image.grid, 4.0 * max(image.grid.spacing))
+    coefficients = np.random.default_rng(0).normal(0.0, 2.0, control.shape + (ndim,)).astype(np.float32)
+    spline = BSpline(coefficients, control.affine)
+    # The grid the control points were laid on and its pyramid levels (shifted by half a
+    # voxel, a quarter of the control spacing per voxel): separable, and the same numbers.
+    for grid in (image.grid, _shrunk(image, 2).grid, _shrunk(image, 3).grid):
+        assert _axes_parallel(spline.affine, grid.affine)
+        per_point = spline(grid.points())
+        separable = spline.on_parallel_grid(grid)
+        np.testing.assert_allclose(grid.points() + separable.field, per_point, atol=2e-4)
+        np.testing.assert_allclose(spline.mapped_points(grid), per_point, atol=2e-4)
+    # A rotated grid is not parallel: mapped_points takes the per-point path.
+    turned = Grid(shape, oblique_affine(ndim, seed=4))
+    assert not _axes_parallel(spline.affine, turned.affine)
+    np.testing.assert_allclose(spline.mapped_points(turned), spline(turned.points()), atol=1e-5)
+    # jit with the grid's matrix traced, vmap over coefficients.
+    grid = _shrunk(image, 2).grid
+    jitted = jax.jit(lambda c, g: BSpline(c, control.affine).on_parallel_grid(g).field)(coefficients, grid)
+    np.testing.assert_allclose(jitted, spline.on_parallel_grid(grid).field, atol=1e-5)
+    batch = np.stack([coefficients, -0.5 * coefficients, 2.0 * coefficients])
+    assert_vmap_matches_loop(lambda c: BSpline(c, control.affine).on_parallel_grid(grid).field, batch, atol=1e-4)
+    with pytest.raises(ValueError, match="2-D grid"):
+        BSpline(np.zeros((5, 5, 5, 3), np.float32)).on_parallel_grid(Grid((4, 4)))
+
+
+def test_bspline_on_parallel_grid_gradient_matches_finite_differences():
+    grid = Grid((17, 14), np.diag([1.5, 0.8, 1.0]).astype(np.float32))
+    control = BSpline.control_grid(grid, 5.0)
+    fixed = np.random.default_rng(0).standard_normal(grid.shape).astype(np.float32)
+    moving = Image(np.asarray(gaussian_smooth(fixed, 1.5)), grid.affine)
+    coefficients = np.random.default_rng(1).normal(0.0, 0.5, control.shape + (2,)).astype(np.float32)
+
+    def loss(c):
+        dense = BSpline(c, control.affine).on_parallel_grid(grid)
+        return jnp.mean((warp(moving, dense, grid).data - fixed) ** 2)
+
+    def per_point_loss(c):  # the spline's 4^d taps at every voxel centre, then the same linear sampling
+        mapped = BSpline(c, control.affine)(grid.points())
+        return jnp.mean((sample(moving.data, moving.grid.world_to_index(mapped), order=1) - fixed) ** 2)
+
+    assert_grad_matches_fd(loss, coefficients, eps=1e-4)
+    np.testing.assert_allclose(jax.grad(loss)(coefficients), jax.grad(per_point_loss)(coefficients), atol=1e-5)
 
 
 def test_kernel_transform_fits_landmarks_exactly():
