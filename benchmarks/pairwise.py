@@ -495,6 +495,7 @@ def _worker_elastix(spec, data):
     # The transform as world points: transformix's deformation field is the LPS displacement
     # of each fixed voxel centre (z, y, x array order), added to the RAS centres after the flip.
     transformix = itk.TransformixFilter.New(moving, transform_parameter_object=transform)
+    transformix.SetOutputDirectory(spec["out"])  # it writes deformationField.nii there, not in the working folder
     transformix.SetComputeDeformationField(True)
     transformix.Update()
     field = np.asarray(itk.GetArrayFromImage(transformix.GetOutputDeformationField()), np.float64)
