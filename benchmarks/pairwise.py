@@ -139,6 +139,17 @@ class Skip(Exception):
 # (warped image, warped labels, Jacobian determinants) into spec["out"].
 
 
+def _versions(*distributions) -> dict:
+    """Installed version of each distribution (None where it is not installed)."""
+    out = {}
+    for name in distributions:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _max_rss_mib() -> float | None:
     """Peak resident memory of this process so far (Linux ``VmHWM``), MiB.
 
@@ -361,12 +372,7 @@ def _worker_fireants(spec, data):
     points = coords[0].cpu().numpy().astype(np.float64) @ torch2phy[:d, :d].T + torch2phy[:d, d]
     points = np.transpose(points, tuple(range(d - 1, -1, -1)) + (d,))  # back to x, y(, z) axis order
     outputs["mapped_points"] = _flip_xy(points).astype(np.float32)
-    versions = {}
-    for name in ("fireants", "torch", "SimpleITK"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = _versions("fireants", "torch", "SimpleITK")
     return outputs, dict(
         wall_s=wall,
         rss_before_mib=rss_before,
@@ -436,12 +442,7 @@ def _worker_syntx(spec, data):
         jax.numpy.zeros(1).block_until_ready()  # the backend is up before the clock starts
     register = lambda: syntx.syn(fixed, moving, backend=backend, outprefix=prefix, **options)  # noqa: E731
     reg, forward, outputs, timing = _timed_ants_style(ants, register, fixed, data)
-    versions = {}
-    for name in ("syntx", "torch", "jax", "antspyx"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = _versions("syntx", "torch", "jax", "antspyx")
     return outputs, dict(
         **timing,
         settings=dict(backend=backend, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
@@ -502,12 +503,7 @@ def _worker_elastix(spec, data):
     d = field.shape[-1]
     field = np.transpose(field, tuple(range(d - 1, -1, -1)) + (d,))
     outputs["mapped_points"] = (_voxel_centres(data["fixed_affine"], field.shape[:-1]) + _flip_xy(field)).astype(np.float32)
-    versions = {}
-    for name in ("itk-elastix", "itk"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = _versions("itk-elastix", "itk")
     return outputs, dict(
         wall_s=wall,
         rss_before_mib=rss_before,
