@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreg import _checks, differential
-from jaxreg.grid import PRECISE, Grid, Image, apply_affine, apply_linear, as_image, precise_matmul
-from jaxreg.sampling import sample
+from jaxreg.grid import PRECISE, Grid, Image, _inverse, apply_affine, apply_linear, as_image, precise_matmul
+from jaxreg.sampling import _taps, sample
 
 __all__ = [
     "Transform",
@@ -386,21 +386,16 @@ class BSpline(_FieldOnGrid):
         d = self.ndim
         if grid.ndim != d:
             raise ValueError(f"a {d}-D B-spline cannot be evaluated on a {grid.ndim}-D grid")
-        to_control = precise_matmul(jnp.linalg.inv(jnp.asarray(self.affine, jnp.float32)), jnp.asarray(grid.affine, jnp.float32))
+        to_control = precise_matmul(_inverse(self.affine), jnp.asarray(grid.affine, jnp.float32))
         field = self.coefficients
         for axis in range(d):  # contract control axis `axis` into voxel axis `axis`
             index = to_control[axis, axis] * jnp.arange(grid.shape[axis], dtype=jnp.float32) + to_control[axis, d]
-            basis = _cubic_bspline(index[:, None] - jnp.arange(field.shape[axis], dtype=jnp.float32)[None, :])
+            # The sampler's own cubic taps, as rows of a dense basis matrix; a tap beyond the
+            # control grid falls out of one_hot, as sample's mode="constant" reads 0 there.
+            base, offsets, weights, _ = _taps(index, 3)
+            basis = sum(w[:, None] * jax.nn.one_hot(base + o, field.shape[axis], dtype=w.dtype) for o, w in zip(offsets, weights))
             field = jnp.moveaxis(jnp.tensordot(basis, field, axes=((1,), (axis,)), precision=PRECISE), 0, axis)
         return Displacement(field, grid.affine)
-
-
-def _cubic_bspline(t):
-    """The cubic B-spline kernel beta3(t), zero for |t| >= 2."""
-    t = jnp.abs(t)
-    near = 2.0 / 3.0 - t * t + 0.5 * t * t * t
-    far = (2.0 - t) ** 3 / 6.0
-    return jnp.where(t < 1.0, near, jnp.where(t < 2.0, far, 0.0))
 
 
 def _axes_parallel(control_affine, grid_affine) -> bool:
