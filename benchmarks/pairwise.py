@@ -473,10 +473,11 @@ def _worker_elastix(spec, data):
 
     fixed = image(data["fixed"], data["fixed_affine"])
     moving = image(data["moving"], data["moving_affine"])
+    overrides = {**ELASTIX["overrides"], **(ELASTIX_QUICK if spec["quick"] else {})}
     parameters = itk.ParameterObject.New()
     for name in ELASTIX["maps"]:
         stage = parameters.GetDefaultParameterMap(name)
-        for key, value in {**ELASTIX["overrides"], **(ELASTIX_QUICK if spec["quick"] else {})}.items():
+        for key, value in overrides.items():
             stage[key] = [value]
         parameters.AddParameterMap(stage)
     rss_before = _max_rss_mib()
@@ -508,7 +509,7 @@ def _worker_elastix(spec, data):
         wall_s=wall,
         rss_before_mib=rss_before,
         peak_rss_mib=peak,
-        settings=dict(maps=list(ELASTIX["maps"]), overrides=dict(ELASTIX["overrides"], **(ELASTIX_QUICK if spec["quick"] else {})),
+        settings=dict(maps=list(ELASTIX["maps"]), overrides=overrides,
                       threads=spec["threads"],
                       transforms=[str(transform.GetParameterMap(i)["Transform"][0]) for i in range(transform.GetNumberOfParameterMaps())]),
         versions=versions,
@@ -852,12 +853,18 @@ class Scorer:
     def jacobian_of_points(self, mapped_points):
         """Jacobian determinant of the map fixed voxel centre -> ``mapped_points`` (RAS world)."""
         import jax
+
+        from jaxreg.transforms import jacobian_determinant
+
+        return np.asarray(jax.jit(jacobian_determinant)(self.transform_of_points(mapped_points), self.grid))
+
+    def transform_of_points(self, mapped_points):
+        """The map fixed voxel centre -> ``mapped_points`` (RAS world) as a Displacement."""
         import jax.numpy as jnp
 
-        from jaxreg.transforms import Displacement, jacobian_determinant
+        from jaxreg.transforms import Displacement
 
-        field = jnp.asarray(mapped_points) - self.grid.points()
-        return np.asarray(jax.jit(jacobian_determinant)(Displacement(field, self.grid.affine), self.grid))
+        return Displacement(jnp.asarray(mapped_points) - self.grid.points(), self.grid.affine)
 
     def score(self, method: str, record: dict) -> dict:
         outputs_path = os.path.join(os.path.dirname(record["log"]), "outputs.npz")
@@ -902,9 +909,9 @@ class Scorer:
         import jax.numpy as jnp
 
         from jaxreg.grid import Image
-        from jaxreg.transforms import Displacement, warp
+        from jaxreg.transforms import warp
 
-        transform = Displacement(jnp.asarray(outputs["mapped_points"]) - self.grid.points(), self.grid.affine)
+        transform = self.transform_of_points(outputs["mapped_points"])
         image = np.asarray(warp(Image(jnp.asarray(self.pair.moving), self.pair.moving_affine), transform, self.grid).data)
         check = {"max_abs_diff_warped": float(np.max(np.abs(image - outputs["warped"]))),
                  "moving_max_abs": float(np.max(np.abs(self.pair.moving)))}
